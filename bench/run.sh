@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# notesd against the gunicorn peer: same machine, same nginx, same PostgreSQL, one invocation.
+#
+#   bench/run.sh [SECONDS]          wrk duration per cell (default 10)
+#
+# Runs, in order (each step bounded, every server stopped on exit):
+#   1. release build; the peer's setup.sh (idempotent: apt packages, PostgreSQL, venv, 1000 notes)
+#   2. a fresh PostgreSQL database for notesd (1000 notes), notesd started on a unix socket
+#   3. the peer's bench.sh against gunicorn            (tutorial nginx: no upstream keepalive)
+#   4. the peer's bench.sh against notesd              (the very same nginx config)
+#   5. the peer's bench.sh against notesd, with nginx upstream keepalive (conf/nginx/notesd.conf style)
+#   6. oha --unix-socket straight at notesd (no nginx)
+#   7. HUPS reloads 1 s apart under load, against a same-length baseline
+#   8. idle master CPU over 10 s
+# and prints one table of ratios (notesd / peer) with the targets of issue 5.
+#
+# env: CONNS=64  REPEAT=1  WORKERS=0 (notesd workers, 0 = 2 x cores + 1)  HUPS=20
+#      SKIP_PEER=1 (reuse nothing, just skip the peer rows)  OUT=dir (default target/bench/<time>)
+# Needs the machine quiet: a concurrent cargo build halves every number (the peer's scripts
+# wait for an idle machine and print other% so a noisy run shows).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+PEER="$(cd "$ROOT/../shared/peer" && pwd)"
+DUR="${1:-10}"
+CONNS="${CONNS:-64}"
+REPEAT="${REPEAT:-1}"
+WORKERS="${WORKERS:-0}"
+HUPS="${HUPS:-20}"
+OUT="${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}"
+RUN=/tmp/notesd-bench
+SOCK="$RUN/notesd.sock"
+DB="notesd_bench"
+PSQL=(psql -h 127.0.0.1 -U postgres -d postgres -qAt -v ON_ERROR_STOP=1)
+NOTESD="$ROOT/target/release/notesd"
+mkdir -p "$OUT" "$RUN"
+
+log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+cleanup() {
+  [[ -n ${WRK_PID:-} ]] && kill "$WRK_PID" 2>/dev/null || true
+  if [[ -s $RUN/notesd.pid ]]; then kill -TERM "$(cat "$RUN/notesd.pid")" 2>/dev/null || true; fi
+  "$PEER/run_gunicorn.sh" stop >/dev/null 2>&1 || true
+  [[ -d ${KA_DIR:-} ]] && (source "$KA_DIR/lib.sh" && nginx_stop) >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+# ---- 1. build + peer setup ---------------------------------------------------------------
+log "release build"
+(cd "$ROOT" && cargo build --release --locked -q)
+command -v wrk >/dev/null || die "wrk missing (the peer's setup.sh installs it)"
+"$PEER/setup.sh" >&2
+if ! command -v oha >/dev/null; then
+  log "installing oha (cargo install, once)"
+  cargo install oha --locked -q || log "WARNING: no oha; direct rows skipped"
+fi
+
+# ---- 2. notesd on a fresh database ----------------------------------------------------------
+"${PSQL[@]}" -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB"
+cat > "$OUT/notesd.toml" <<EOF
+[server]
+bind = ["unix:$SOCK"]
+# nginx workers run as nobody here (the peer's nginx.conf has no user directive)
+socket_mode = "0666"
+workers = $WORKERS
+pidfile = "$RUN/notesd.pid"
+control_socket = "$RUN/control.sock"
+timeout = 30
+[database]
+url = "postgres://postgres@127.0.0.1:5432/$DB"
+max_connections = 4
+[log]
+# the peer logs no access lines either (PEER_ACCESSLOG off): same work on both sides
+access_log = false
+EOF
+"$NOTESD" migrate -c "$OUT/notesd.toml" >&2
+"$NOTESD" seed -c "$OUT/notesd.toml" --count 1000 >&2
+start_notesd() {
+  rm -f "$RUN/notesd.pid"
+  "$NOTESD" serve -c "$OUT/notesd.toml" >> "$OUT/notesd.log" 2>&1 &
+  for _ in $(seq 1 100); do
+    "$NOTESD" healthcheck --socket "$SOCK" >/dev/null 2>&1 && [[ -s $RUN/notesd.pid ]] && return 0
+    sleep 0.1
+  done
+  die "notesd did not come up (see $OUT/notesd.log)"
+}
+
+# ---- 3. peer ------------------------------------------------------------------------------
+if [[ ${SKIP_PEER:-0} != 1 ]]; then
+  log "peer: gunicorn + Flask"
+  "$PEER/run_gunicorn.sh" restart >&2
+  OUT_DIR="$OUT/peer" CONNS="$CONNS" REPEAT="$REPEAT" LABEL=gunicorn-peer "$PEER/bench.sh" /tmp/peer/gunicorn.sock "$DUR" >&2
+  "$PEER/run_gunicorn.sh" stop >&2
+fi
+
+# ---- 4. notesd through the peer's nginx ---------------------------------------------------
+start_notesd
+M=$(cat "$RUN/notesd.pid")
+log "notesd master $M: $("$NOTESD" status -c "$OUT/notesd.toml" --json | grep -c '"pid"') processes"
+OUT_DIR="$OUT/notesd" CONNS="$CONNS" REPEAT="$REPEAT" RESET_DB=0 TARGET_PIDFILE="$RUN/notesd.pid" \
+  LABEL="notesd (tutorial nginx)" "$PEER/bench.sh" "$SOCK" "$DUR" >&2
+
+# ---- 5. notesd through nginx with upstream keepalive ------------------------------------------
+# A copy of the peer harness whose nginx template keeps upstream connections (as conf/nginx/notesd.conf).
+KA_DIR="$OUT/harness-keepalive"
+rm -rf "$KA_DIR"; cp -r "$PEER" "$KA_DIR"; chmod -R u+w "$KA_DIR"
+python3 - "$KA_DIR/nginx.conf.in" <<'PY'
+import sys
+p = sys.argv[1]
+s = open(p).read()
+s = s.replace("    server {\n        listen 127.0.0.1:@PROXY_PORT@;",
+              "    upstream target { server unix:@SOCK@; keepalive 64; keepalive_timeout 4s; }\n"
+              "    server {\n        listen 127.0.0.1:@PROXY_PORT@;", 1)
+s = s.replace("proxy_pass http://unix:@SOCK@;",
+              "proxy_pass http://target;\n            proxy_http_version 1.1;\n"
+              "            proxy_set_header Connection \"\";", 1)
+open(p, "w").write(s)
+PY
+OUT_DIR="$OUT/notesd-keepalive" CONNS="$CONNS" REPEAT="$REPEAT" RESET_DB=0 TARGET_PIDFILE="$RUN/notesd.pid" \
+  LABEL="notesd (nginx upstream keepalive)" "$KA_DIR/bench.sh" "$SOCK" "$DUR" >&2
+
+# ---- 6. oha straight at the socket ------------------------------------------------------------
+oha_row() {  # name method path [body]
+  local name=$1 method=$2 path=$3 body=${4:-} json
+  local args=(--no-tui -z "${DUR}s" -c "$CONNS" --unix-socket "$SOCK" -m "$method" --output-format json)
+  [[ -n $body ]] && args+=(-H 'Content-Type: application/json' -d "$body")
+  json=$(timeout $((DUR + 30)) oha "${args[@]}" "http://localhost$path" 2>/dev/null) || { echo "$name - - -"; return; }
+  python3 -c 'import json,sys; d=json.load(sys.stdin); s=d["summary"]; p=d["latencyPercentiles"]
+codes=d.get("statusCodeDistribution",{}); bad=sum(v for k,v in codes.items() if not k.startswith("2"))
+print(sys.argv[1], round(s["requestsPerSec"]), round(p["p99"]*1000,2), bad)' "$name" <<<"$json"
+}
+if command -v oha >/dev/null; then
+  log "oha direct (no nginx)"
+  {
+    echo "# oha --unix-socket $SOCK -c $CONNS -z ${DUR}s: endpoint req/s p99_ms non2xx"
+    oha_row "GET_/healthz" GET /healthz
+    oha_row "GET_/api/notes" GET /api/notes
+    oha_row "POST_/api/notes" POST /api/notes '{"title":"bench note","body":"posted by oha"}'
+  } | tee "$OUT/oha.txt" >&2
+fi
+
+# ---- 7. HUPs under load ---------------------------------------------------------------------
+log "reload test: $HUPS x HUP 1 s apart under load (nginx keepalive)"
+(
+  source "$KA_DIR/lib.sh"
+  nginx_start "$SOCK" >&2
+  URL="http://127.0.0.1:$NGINX_PROXY_PORT/api/notes"
+  d=$((HUPS + 3))
+  run_wrk 16 "$d" "$URL" > "$OUT/hup.baseline.txt" 2>&1 || true
+  : > "$NGINX_PREFIX/logs/access.log"
+  run_wrk 16 "$d" "$URL" > "$OUT/hup.wrk.txt" 2>&1 &
+  W=$!
+  sleep 2
+  for i in $(seq 1 "$HUPS"); do kill -HUP "$M"; sleep 1; done
+  wait "$W" || true
+  b=$(grep '^PEERSTATS' "$OUT/hup.baseline.txt"); h=$(grep '^PEERSTATS' "$OUT/hup.wrk.txt")
+  sockerr=$(( $(field connect "$h") + $(field read "$h") + $(field write "$h") + $(field timeout "$h") ))
+  echo "baseline_rps=$(field rps "$b") hup_rps=$(field rps "$h") non2xx=$(field non2xx "$h") sockerr=$sockerr nginx_abnormal=$(status_counts "$NGINX_PREFIX/logs/access.log") generation=$("$NOTESD" status -c "$OUT/notesd.toml" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["generation"])')" > "$OUT/hup.txt"
+  nginx_stop >&2
+)
+cat "$OUT/hup.txt" >&2
+
+# ---- 8. idle master CPU ----------------------------------------------------------------------
+sleep 2
+t0=$(awk '{print $14 + $15}' "/proc/$M/stat"); sleep 10; t1=$(awk '{print $14 + $15}' "/proc/$M/stat")
+idle_pct=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.2f", 100 * d / (10 * hz)}')
+
+# ---- the table --------------------------------------------------------------------------------
+python3 "$HERE/report.py" "$OUT" "$CONNS" "$idle_pct" | tee "$OUT/summary.txt"
+log "everything in $OUT"

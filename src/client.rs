@@ -1,0 +1,90 @@
+//! The small clients behind `notesd status` and `notesd healthcheck`.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyperlocal::{UnixClientExt, UnixConnector};
+
+use crate::master::control::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the master at {path}: {source} (is notesd running?)")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("reading from {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("unexpected answer from {path}: {detail}")]
+    Decode { path: String, detail: String },
+    #[error("GET /healthz over {path}: {detail}")]
+    Health { path: String, detail: String },
+}
+
+/// Ask the master for its status over the control socket.
+pub fn status(control: &Path) -> Result<Status, ClientError> {
+    let path = control.display().to_string();
+    let mut stream = std::os::unix::net::UnixStream::connect(control).map_err(|source| {
+        ClientError::Connect {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    let read_err = |source| ClientError::Read {
+        path: path.clone(),
+        source,
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(read_err)?;
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body).map_err(read_err)?;
+    serde_json::from_slice(&body).map_err(|e| ClientError::Decode {
+        path,
+        detail: e.to_string(),
+    })
+}
+
+/// GET /healthz over the unix socket (hyperlocal); Ok on 200 within 5 s.
+pub fn healthcheck(socket: &Path) -> Result<(), ClientError> {
+    let path = socket.display().to_string();
+    let fail = |detail: String| ClientError::Health {
+        path: path.clone(),
+        detail,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    rt.block_on(async {
+        let client: Client<UnixConnector, Empty<Bytes>> = Client::unix();
+        let uri: hyper::Uri = hyperlocal::Uri::new(socket, "/healthz").into();
+        let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+            .await
+            .map_err(|_| fail("no answer within 5 s".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        if status == hyper::StatusCode::OK {
+            Ok(())
+        } else {
+            Err(fail(format!(
+                "status {status}: {}",
+                String::from_utf8_lossy(&body)
+            )))
+        }
+    })
+}

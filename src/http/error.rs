@@ -1,0 +1,93 @@
+//! `ApiError` → status + `{"error": {"code", "message"}}`: the one place
+//! errors become HTTP.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{ALLOW, HeaderValue};
+use hyper::{Response, StatusCode};
+
+use crate::domain::Invalid;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed (allowed: {allow})")]
+    MethodNotAllowed { allow: &'static str },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("a request body needs a Content-Length (or chunked encoding)")]
+    LengthRequired,
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("the request body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    #[error("{0}")]
+    Invalid(#[from] Invalid),
+    #[error("the database is unavailable")]
+    Unavailable,
+    #[error("the request took longer than {0} s")]
+    Timeout(u64),
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::LengthRequired => StatusCode::LENGTH_REQUIRED,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable | ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::LengthRequired => "length_required",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Invalid(_) => "validation_failed",
+            ApiError::Unavailable => "unavailable",
+            ApiError::Timeout(_) => "timeout",
+            ApiError::Internal => "internal",
+        }
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({
+            "error": {"code": self.code(), "message": self.to_string()}
+        });
+        let mut resp = super::json(self.status(), &body);
+        if let ApiError::MethodNotAllowed { allow } = self {
+            resp.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+        }
+        resp
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "database unavailable");
+            ApiError::Unavailable
+        } else {
+            tracing::error!(error = %e, "database error");
+            ApiError::Internal
+        }
+    }
+}

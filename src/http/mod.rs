@@ -1,0 +1,181 @@
+//! The router: one `match` on (method, path). Handlers return
+//! `Result<Response, ApiError>`; errors become JSON at [`error`]'s edge.
+
+pub mod error;
+pub mod metrics;
+pub mod notes;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+pub use error::ApiError;
+
+use crate::scoreboard::Slot;
+use crate::store::Store;
+
+pub type Body = Full<Bytes>;
+
+/// What handlers may use: the store, the scoreboard and a few settings.
+pub struct AppState {
+    pub store: Store,
+    /// This worker's slot; `/metrics` reads the whole board through it.
+    pub slot: Slot,
+    pub max_body_bytes: u64,
+    /// Test-only routes under /debug (env NOTESD_DEBUG_ROUTES=1; never in production).
+    pub debug_routes: bool,
+}
+
+/// Metric route label index (see [`crate::scoreboard::ROUTES`]) for a path.
+pub fn route_index(path: &str) -> usize {
+    match path {
+        "/" => 0,
+        "/healthz" => 1,
+        "/readyz" => 2,
+        "/api/notes" => 3,
+        "/metrics" => 5,
+        p if p
+            .strip_prefix("/api/notes/")
+            .is_some_and(|id| notes::parse_id(id).is_some()) =>
+        {
+            4
+        }
+        _ => 6,
+    }
+}
+
+const ALLOW_READ: &str = "GET, HEAD";
+const ALLOW_LIST: &str = "GET, HEAD, POST";
+const ALLOW_NOTE: &str = "GET, HEAD, PUT, PATCH, DELETE";
+
+/// Serialize straight into the response body.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let bytes = match serde_json::to_vec(value) {
+        Ok(b) => b,
+        Err(_) => br#"{"error":{"code":"internal","message":"encoding failed"}}"#.to_vec(),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Route a request. The caller wraps it with the request timeout, the request
+/// id and the access log.
+pub async fn route(
+    app: &AppState,
+    req: Request<Incoming>,
+    deadline: tokio::time::Instant,
+) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path();
+    match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/") => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"message": "Hello, production!"}),
+        )),
+        (&Method::GET | &Method::HEAD, "/healthz") => {
+            Ok(json(StatusCode::OK, &serde_json::json!({"ok": true})))
+        }
+        (&Method::GET | &Method::HEAD, "/readyz") => Ok(readyz(app).await),
+        (&Method::GET | &Method::HEAD, "/metrics") => Ok(metrics::render(app.slot.board())),
+        (_, "/" | "/healthz" | "/readyz" | "/metrics") => {
+            Err(ApiError::MethodNotAllowed { allow: ALLOW_READ })
+        }
+        (&Method::GET | &Method::HEAD, "/api/notes") => notes::list(app, &req).await,
+        (&Method::POST, "/api/notes") => notes::create(app, req, deadline).await,
+        (_, "/api/notes") => Err(ApiError::MethodNotAllowed { allow: ALLOW_LIST }),
+        (method, p) if p.starts_with("/api/notes/") => {
+            let id = notes::parse_id(&p["/api/notes/".len()..])
+                .ok_or_else(|| ApiError::NotFound(format!("no note at {p}")))?;
+            match *method {
+                Method::GET | Method::HEAD => notes::get(app, id).await,
+                Method::PUT => notes::put(app, id, req, deadline).await,
+                Method::PATCH => notes::patch(app, id, req, deadline).await,
+                Method::DELETE => notes::delete(app, id).await,
+                _ => Err(ApiError::MethodNotAllowed { allow: ALLOW_NOTE }),
+            }
+        }
+        (&Method::GET, "/debug/sleep" | "/debug/block") if app.debug_routes => {
+            let ms = query_u64(req.uri().query(), "ms")
+                .unwrap_or(100)
+                .min(600_000);
+            if path == "/debug/block" {
+                // Deliberately blocks the worker's only thread: heartbeat stops.
+                std::thread::sleep(Duration::from_millis(ms));
+            } else {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            Ok(json(StatusCode::OK, &serde_json::json!({"slept_ms": ms})))
+        }
+        _ => Err(ApiError::NotFound(format!("no route for {path}"))),
+    }
+}
+
+async fn readyz(app: &AppState) -> Response<Body> {
+    match app.store.ping(Duration::from_secs(1)).await {
+        Ok(()) => json(StatusCode::OK, &serde_json::json!({"ok": true})),
+        Err(e) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"ok": false, "error": e.to_string()}),
+        ),
+    }
+}
+
+fn query_u64(query: Option<&str>, key: &str) -> Option<u64> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// A request id: the client's if it is sane (1–64 of `[A-Za-z0-9._-]`), else ours.
+pub fn request_id(incoming: Option<&HeaderValue>, generate: impl FnOnce() -> String) -> String {
+    incoming
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(generate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_echoed_only_when_sane() {
+        let generate = || "generated".to_string();
+        let ok = HeaderValue::from_static("abc-123.x_y");
+        assert_eq!(request_id(Some(&ok), generate), "abc-123.x_y");
+        let bad = HeaderValue::from_static("a b");
+        assert_eq!(request_id(Some(&bad), generate), "generated");
+        let long = HeaderValue::from_str(&"a".repeat(65)).expect("header");
+        assert_eq!(request_id(Some(&long), generate), "generated");
+        assert_eq!(request_id(None, generate), "generated");
+    }
+
+    #[test]
+    fn query_parsing() {
+        assert_eq!(query_u64(Some("a=1&ms=250"), "ms"), Some(250));
+        assert_eq!(query_u64(Some("ms=x"), "ms"), None);
+        assert_eq!(query_u64(None, "ms"), None);
+    }
+
+    #[test]
+    fn errors_have_the_documented_shape() {
+        let r = ApiError::MethodNotAllowed { allow: "GET, HEAD" }.into_response();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[hyper::header::ALLOW], "GET, HEAD");
+    }
+}

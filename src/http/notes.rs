@@ -1,0 +1,258 @@
+//! Notes handlers: JSON in → domain → store → JSON out.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, LINK, LOCATION, TRANSFER_ENCODING};
+use hyper::{Request, Response, StatusCode};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::{ApiError, AppState, Body, json};
+use crate::domain::{NewNote, Note, NotePatch};
+
+pub const DEFAULT_LIMIT: i64 = 50;
+pub const MAX_LIMIT: i64 = 200;
+
+/// `?limit=&before=`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListQuery {
+    pub limit: i64,
+    pub before: Option<i64>,
+}
+
+impl ListQuery {
+    pub fn parse(query: Option<&str>) -> Result<ListQuery, ApiError> {
+        let mut q = ListQuery {
+            limit: DEFAULT_LIMIT,
+            before: None,
+        };
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "limit" => {
+                    q.limit = v
+                        .parse::<i64>()
+                        .ok()
+                        .filter(|n| (1..=MAX_LIMIT).contains(n))
+                        .ok_or_else(|| {
+                            ApiError::BadRequest(format!(
+                                "limit must be an integer from 1 to {MAX_LIMIT}"
+                            ))
+                        })?;
+                }
+                "before" => {
+                    q.before = Some(parse_id(v).ok_or_else(|| {
+                        ApiError::BadRequest("before must be a note id (a positive integer)".into())
+                    })?);
+                }
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// A note id: a positive integer that fits in i64.
+pub fn parse_id(s: &str) -> Option<i64> {
+    if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<i64>().ok().filter(|n| *n > 0)
+}
+
+pub async fn list(app: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let q = ListQuery::parse(req.uri().query())?;
+    let page = app.store.list_notes(q.limit, q.before).await?;
+    let mut resp = json(StatusCode::OK, &page.notes);
+    if page.more
+        && let Some(last) = page.notes.last()
+        && let Ok(v) = HeaderValue::from_str(&format!(
+            "</api/notes?limit={}&before={}>; rel=\"next\"",
+            q.limit, last.id
+        ))
+    {
+        resp.headers_mut().insert(LINK, v);
+    }
+    Ok(resp)
+}
+
+pub async fn create(
+    app: &AppState,
+    req: Request<Incoming>,
+    deadline: Instant,
+) -> Result<Response<Body>, ApiError> {
+    let value = read_json(app, req, deadline).await?;
+    let note = NewNote::parse(&value)?;
+    let id = app.store.create_note(&note).await?;
+    let mut resp = json(StatusCode::CREATED, &serde_json::json!({"id": id}));
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/notes/{id}")) {
+        resp.headers_mut().insert(LOCATION, v);
+    }
+    Ok(resp)
+}
+
+fn not_found(id: i64) -> ApiError {
+    ApiError::NotFound(format!("note {id} does not exist"))
+}
+
+/// The note as 200 JSON, or 404 when the store found none.
+fn found(id: i64, note: Option<Note>) -> Result<Response<Body>, ApiError> {
+    match note {
+        Some(n) => Ok(json(StatusCode::OK, &n)),
+        None => Err(not_found(id)),
+    }
+}
+
+pub async fn get(app: &AppState, id: i64) -> Result<Response<Body>, ApiError> {
+    found(id, app.store.get_note(id).await?)
+}
+
+pub async fn put(
+    app: &AppState,
+    id: i64,
+    req: Request<Incoming>,
+    deadline: Instant,
+) -> Result<Response<Body>, ApiError> {
+    let value = read_json(app, req, deadline).await?;
+    let note = NewNote::parse(&value)?;
+    found(id, app.store.put_note(id, &note).await?)
+}
+
+pub async fn patch(
+    app: &AppState,
+    id: i64,
+    req: Request<Incoming>,
+    deadline: Instant,
+) -> Result<Response<Body>, ApiError> {
+    let value = read_json(app, req, deadline).await?;
+    let patch = NotePatch::parse(&value)?;
+    let updated = if patch.is_empty() {
+        app.store.get_note(id).await?
+    } else {
+        app.store.patch_note(id, &patch).await?
+    };
+    found(id, updated)
+}
+
+pub async fn delete(app: &AppState, id: i64) -> Result<Response<Body>, ApiError> {
+    if app.store.delete_note(id).await? {
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+        Ok(resp)
+    } else {
+        Err(not_found(id))
+    }
+}
+
+/// Is this `Content-Type` JSON (`application/json`, any parameters, any case)?
+pub fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    content_type
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The request body as JSON: 411, 413, 415, then 400 for anything unparsable.
+///
+/// A client that stops sending its body before `deadline` gets 408: the time
+/// went to the client, not to us (the request timeout's 503 is for our side).
+async fn read_json(
+    app: &AppState,
+    req: Request<Incoming>,
+    deadline: Instant,
+) -> Result<Value, ApiError> {
+    let headers = req.headers();
+    let declared = match headers.get(CONTENT_LENGTH) {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::BadRequest("invalid Content-Length".into()))?,
+        ),
+        None => None,
+    };
+    if declared.is_none() && !headers.contains_key(TRANSFER_ENCODING) {
+        return Err(ApiError::LengthRequired);
+    }
+    let max = app.max_body_bytes;
+    if declared.is_some_and(|n| n > max) {
+        return Err(ApiError::TooLarge(max));
+    }
+    if !is_json(headers.get(CONTENT_TYPE)) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let collected = tokio::time::timeout_at(
+        deadline,
+        Limited::new(req.into_body(), max as usize).collect(),
+    )
+    .await
+    .map_err(|_| ApiError::RequestTimeout)?;
+    let bytes = collected
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::TooLarge(max)
+            } else {
+                ApiError::BadRequest(format!("could not read the request body: {e}"))
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_query_validation() {
+        assert_eq!(
+            ListQuery::parse(None).expect("default"),
+            ListQuery {
+                limit: 50,
+                before: None
+            }
+        );
+        let q = ListQuery::parse(Some("limit=200&before=7&x=y")).expect("ok");
+        assert_eq!((q.limit, q.before), (200, Some(7)));
+        for bad in [
+            "limit=0",
+            "limit=201",
+            "limit=abc",
+            "limit=",
+            "before=-1",
+            "before=0",
+            "before=x",
+        ] {
+            assert!(ListQuery::parse(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids() {
+        assert_eq!(parse_id("42"), Some(42));
+        assert_eq!(parse_id("9223372036854775807"), Some(i64::MAX));
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "+1",
+            "1.0",
+            "99999999999999999999",
+            "9223372036854775808",
+            "1e3",
+        ] {
+            assert_eq!(parse_id(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn json_content_types() {
+        let ok = |s: &'static str| is_json(Some(&HeaderValue::from_static(s)));
+        assert!(ok("application/json"));
+        assert!(ok("Application/JSON; charset=utf-8"));
+        assert!(!ok("text/plain"));
+        assert!(!ok("application/jsonx"));
+        assert!(!is_json(None));
+    }
+}

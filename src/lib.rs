@@ -1,0 +1,43 @@
+//! notesd: a notes JSON API served by a Gunicorn-style prefork server.
+//!
+//! One binary is both the **master** and the **worker**. The master binds the
+//! listening sockets, fork+execs `notesd worker` N times with the sockets and a
+//! private channel inherited at fixed fd numbers, and supervises them: signals,
+//! heartbeats through a shared-memory scoreboard, timeouts, recycling, reloads.
+//! The master is single-threaded and never opens a database connection. Each
+//! worker runs a current-thread tokio runtime with hyper (HTTP/1.1) and its own
+//! sqlx pool.
+//!
+//! # Layout
+//!
+//! - [`config`]: TOML + env + flags → one validated [`config::Config`].
+//! - [`log`]: tracing to journald or stderr (text or JSON), reopenable log file.
+//! - [`listener`]: bind unix/TCP sockets (stale check, mode, group) or take LISTEN_FDS.
+//! - [`ipc`]: the master↔worker contract: fd numbers, env vars, messages, exit codes.
+//! - [`scoreboard`]: shared-memory slots (heartbeat, state, counters, current request).
+//! - [`systemd`]: sd_notify READY/RELOADING/STOPPING/STATUS/WATCHDOG.
+//! - [`master`]: the supervisor. `state` is the pure decision function
+//!   (`handle(Event, now) -> Vec<Action>`), `events` turns signals, children and
+//!   ticks into events, `spawn` forks+execs, `control` serves `notesd status`.
+//! - [`worker`]: runtime, pool, READY, accept loop, graceful drain.
+//! - [`http`]: router, handlers (notes, metrics) and error mapping.
+//! - [`domain`]: `Note`, `NoteTitle::parse`, `NewNote`, `NotePatch`.
+//! - [`store`]: database pools (PostgreSQL or SQLite), embedded migrations.
+//! - [`client`]: the small unix-socket clients behind `status` and `healthcheck`.
+//!
+//! Flow: master: signal/child/tick → `Event` → `State::handle` → `Action`s →
+//! executed at the edge. Worker: accept → hyper → router → handler → store → JSON.
+
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod ipc;
+pub mod listener;
+pub mod log;
+pub mod master;
+pub mod scoreboard;
+pub mod store;
+pub mod systemd;
+pub mod worker;

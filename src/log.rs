@@ -1,0 +1,178 @@
+//! Logging: tracing to journald, a file, or stderr; text or JSON.
+//!
+//! `log.target = "auto"` logs to journald when stderr *is* the journal
+//! (`JOURNAL_STREAM` names stderr's device and inode), else to stderr.
+//! `"journald"` insists, falling back to stderr with a warning when no journal
+//! is there. `log.file`, when set, wins: lines are appended to it and USR1
+//! reopens it (for logrotate). Every line carries the process role and pid
+//! through a root span entered for the process' lifetime.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::LogConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("cannot open log file {path}: {source}")]
+    File { path: PathBuf, source: io::Error },
+    #[error("log.level {0:?} is not a valid filter")]
+    Level(String),
+    #[error("a global logger is already installed")]
+    AlreadySet,
+}
+
+/// The reopenable log file, shared by every writer.
+struct LogFile {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+static LOG_FILE: OnceLock<LogFile> = OnceLock::new();
+
+fn open_append(path: &Path) -> Result<File, LogError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| LogError::File {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// USR1: reopen the log file (after logrotate moved it). No-op without one.
+pub fn reopen() {
+    if let Some(lf) = LOG_FILE.get() {
+        match open_append(&lf.path) {
+            Ok(f) => {
+                if let Ok(mut guard) = lf.file.lock() {
+                    *guard = f;
+                }
+                tracing::info!(path = %lf.path.display(), "log file reopened");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reopen log file; still writing to the old one")
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct FileWriter;
+
+impl Write for FileWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match LOG_FILE.get().map(|lf| lf.file.lock()) {
+            Some(Ok(mut f)) => f.write(buf),
+            _ => io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for FileWriter {
+    type Writer = FileWriter;
+    fn make_writer(&'a self) -> FileWriter {
+        *self
+    }
+}
+
+/// Is stderr connected to the journal (systemd's JOURNAL_STREAM=dev:ino)?
+fn stderr_is_journal() -> bool {
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let Ok(meta) = nix::sys::stat::fstat(std::io::stderr()) else {
+        return false;
+    };
+    dev.parse::<u64>().ok() == Some(meta.st_dev) && ino.parse::<u64>().ok() == Some(meta.st_ino)
+}
+
+/// The output layer sits under one global filter: disabled callsites (sqlx's
+/// per-query debug spans, for instance) are then skipped at the callsite, with
+/// no per-event or per-span work on the request path.
+type Filtered = tracing_subscriber::layer::Layered<EnvFilter, tracing_subscriber::Registry>;
+type BoxLayer = Box<dyn Layer<Filtered> + Send + Sync>;
+
+fn fmt_layer<W>(json: bool, writer: W, ansi: bool) -> BoxLayer
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    if json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(writer)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .boxed()
+    }
+}
+
+/// Install the global subscriber. Returns a warning to log once logging is up
+/// (e.g. journald was asked for but is not there).
+pub fn init(config: &LogConfig) -> Result<Option<String>, LogError> {
+    let filter = match std::env::var("NOTESD_LOG").ok().filter(|s| !s.is_empty()) {
+        Some(directive) => {
+            EnvFilter::try_new(&directive).map_err(|_| LogError::Level(directive))?
+        }
+        None => {
+            EnvFilter::try_new(&config.level).map_err(|_| LogError::Level(config.level.clone()))?
+        }
+    };
+    let json = config.format == "json";
+    let mut warning = None;
+    let layer: BoxLayer = if let Some(path) = &config.file {
+        let file = open_append(path)?;
+        let _ = LOG_FILE.set(LogFile {
+            path: path.clone(),
+            file: Mutex::new(file),
+        });
+        fmt_layer(json, FileWriter, false)
+    } else {
+        let want_journal = match config.target.as_str() {
+            "journald" => true,
+            "auto" => stderr_is_journal(),
+            _ => false,
+        };
+        let journal = if want_journal {
+            match tracing_journald::layer() {
+                Ok(l) => Some(l.with_syslog_identifier("notesd".into()).boxed()),
+                Err(e) => {
+                    warning = Some(format!(
+                        "journald is not available ({e}); logging to stderr"
+                    ));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        journal.unwrap_or_else(|| fmt_layer(json, io::stderr, false))
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layer)
+        .try_init()
+        .map_err(|_| LogError::AlreadySet)?;
+    Ok(warning)
+}

@@ -1,0 +1,383 @@
+//! `notesd`: clap dispatch. `anyhow` and exit codes live only here
+//! (0 clean, 1 runtime failure, 2 bad usage or invalid config, 3 workers
+//! failed to boot).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use notesd::config::{self, Config, ConfigError, Overrides};
+use notesd::store::{self, Purpose, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "notesd",
+    version,
+    about = "Notes JSON API on a Gunicorn-style prefork server",
+    long_about = "Notes JSON API on a Gunicorn-style prefork server.\n\n\
+        `notesd serve` runs the master: it binds the sockets, forks the workers and supervises \
+        them. Signals to the master: HUP reload (new workers first, then the old ones drain), \
+        TERM graceful stop, INT/QUIT quick stop, TTIN/TTOU one worker more/fewer, USR1 reopen \
+        log files.\n\n\
+        Configuration: -c FILE, else $NOTESD_CONFIG, else /etc/notesd/notesd.toml, else the \
+        embedded defaults. Exit codes: 0 clean, 1 runtime failure, 2 bad usage or invalid \
+        config, 3 workers failed to boot."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct ConfigArg {
+    /// Config file (default: $NOTESD_CONFIG, else /etc/notesd/notesd.toml if it exists, else the embedded defaults)
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the master in the foreground (bind, fork workers, supervise)
+    Serve {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Address to listen on, replacing server.bind (repeatable): unix:/path, 127.0.0.1:8000, [::1]:8000
+        #[arg(short = 'b', long = "bind", value_name = "BIND")]
+        bind: Vec<String>,
+        /// Number of workers (0 = 2 × cores + 1)
+        #[arg(short = 'w', long = "workers", value_name = "N")]
+        workers: Option<u32>,
+        /// Database URL (overrides database.url, DATABASE_URL and NOTESD_DATABASE_URL)
+        #[arg(long = "database-url", value_name = "URL")]
+        database_url: Option<String>,
+    },
+    /// Apply the embedded migrations (or list applied/pending with --status)
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only show which migrations are applied and which are pending
+        #[arg(long)]
+        status: bool,
+    },
+    /// Insert N sample notes ("Note 1" … "Note N") in one transaction
+    Seed {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        count: u32,
+    },
+    /// Validate the configuration (like nginx -t): exit 0, or 2 listing every problem
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Ask the running master for its workers (over the control socket)
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// GET /healthz over the unix socket: exit 0 healthy, 1 not
+    Healthcheck {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Unix socket to probe (default: the first unix address in server.bind)
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Internal: a worker process, exec'd by the master
+    #[command(hide = true)]
+    Worker,
+    /// Packaging: write the man page and shell completions (bash, zsh, fish) into DIR
+    #[command(hide = true)]
+    GenerateAssets {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Worker => notesd::worker::run(),
+        Command::Check { config } => check(config),
+        other => match dispatch(other) {
+            Ok(code) => code,
+            Err(e) => {
+                let code = e.downcast_ref::<Exit>().map_or(1, |Exit(c, _)| *c);
+                eprintln!("notesd: {}", chain(&e));
+                code
+            }
+        },
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+/// The error and its causes on one line, skipping causes a message already quotes.
+fn chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+/// An error that carries its own exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{1}")]
+struct Exit(i32, String);
+
+fn load(o: &Overrides) -> anyhow::Result<Config> {
+    config::load(o).map_err(|e: ConfigError| anyhow::Error::new(Exit(2, e.to_string())))
+}
+
+fn overrides(c: ConfigArg) -> Overrides {
+    Overrides {
+        config_path: c.config,
+        ..Overrides::default()
+    }
+}
+
+fn check(c: ConfigArg) -> i32 {
+    let o = overrides(c);
+    match config::load(&o) {
+        Ok(cfg) => {
+            println!(
+                "notesd: configuration {} is valid ({} worker(s), database {})",
+                cfg.source,
+                cfg.worker_count(),
+                store::redact(&cfg.database.url)
+            );
+            0
+        }
+        Err(e) => {
+            let name = config::locate(o.config_path.as_deref())
+                .map_or("embedded defaults".to_string(), |p| p.display().to_string());
+            eprintln!("notesd: configuration {name} is invalid:");
+            for p in e.problems() {
+                eprintln!("{p}");
+            }
+            2
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")
+}
+
+/// Install logging; a warning about it (journald missing) is logged by the
+/// caller once its span is entered, so it carries the role and pid.
+fn init_log(cfg: &Config) -> Option<String> {
+    match notesd::log::init(&cfg.log) {
+        Ok(warning) => warning,
+        Err(e) => {
+            eprintln!("notesd: logging: {e}");
+            None
+        }
+    }
+}
+
+fn dispatch(cmd: Command) -> anyhow::Result<i32> {
+    match cmd {
+        Command::Serve {
+            config,
+            bind,
+            workers,
+            database_url,
+        } => {
+            let o = Overrides {
+                config_path: config.config,
+                bind,
+                workers,
+                database_url,
+            };
+            let cfg = load(&o)?;
+            let warning = init_log(&cfg);
+            let span = tracing::info_span!("master", pid = std::process::id());
+            let _entered = span.enter();
+            if let Some(w) = warning {
+                tracing::warn!("{w}");
+            }
+            match notesd::master::run(cfg, o) {
+                Ok(code) => Ok(code),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    Err(Exit(e.exit_code(), e.to_string()).into())
+                }
+            }
+        }
+        Command::Migrate { config, status } => {
+            let cfg = load(&overrides(config))?;
+            if let Some(w) = init_log(&cfg) {
+                tracing::warn!("{w}");
+            }
+            runtime()?.block_on(migrate(&cfg, status))
+        }
+        Command::Seed { config, count } => {
+            let cfg = load(&overrides(config))?;
+            if let Some(w) = init_log(&cfg) {
+                tracing::warn!("{w}");
+            }
+            runtime()?.block_on(async {
+                let store = Store::connect(&cfg.database, Purpose::Serve, Duration::from_secs(10))
+                    .await
+                    .context("seed")?;
+                store.check_schema().await.context("seed")?;
+                let n = store.seed(count).await.context("seed")?;
+                println!("notesd: inserted {n} notes");
+                Ok(0)
+            })
+        }
+        Command::Status { config, json } => {
+            let cfg = load(&overrides(config))?;
+            let st = notesd::client::status(&cfg.server.control_socket)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print_status(&st);
+            }
+            Ok(0)
+        }
+        Command::Healthcheck { config, socket } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => load(&overrides(config))?
+                    .first_unix_socket()
+                    .context("server.bind has no unix socket; pass --socket PATH")?,
+            };
+            notesd::client::healthcheck(&socket)?;
+            println!("notesd: healthy ({})", socket.display());
+            Ok(0)
+        }
+        Command::GenerateAssets { out } => {
+            generate_assets(&out)
+                .with_context(|| format!("writing assets to {}", out.display()))?;
+            println!(
+                "notesd: man page and completions written to {}",
+                out.display()
+            );
+            Ok(0)
+        }
+        Command::Worker | Command::Check { .. } => unreachable!("handled in main"),
+    }
+}
+
+/// The man page and completions come from the same clap definition as the CLI.
+fn generate_assets(out: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    std::fs::create_dir_all(out)?;
+    // notesd.1 plus notesd-serve.1, notesd-migrate.1, … (hidden commands skipped).
+    clap_mangen::generate_to(Cli::command(), out)?;
+    for (shell, file) in [
+        (Shell::Bash, "notesd.bash"),
+        (Shell::Zsh, "_notesd"),
+        (Shell::Fish, "notesd.fish"),
+    ] {
+        let mut buf = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "notesd", &mut buf);
+        std::fs::write(out.join(file), buf)?;
+    }
+    Ok(())
+}
+
+async fn migrate(cfg: &Config, status_only: bool) -> anyhow::Result<i32> {
+    let store = Store::connect(&cfg.database, Purpose::Migrate, Duration::from_secs(10))
+        .await
+        .context("migrate")?;
+    let target = store::redact(&cfg.database.url);
+    if !status_only {
+        let applied = store::migrate::run(&store, sqlite_file(cfg).as_deref())
+            .await
+            .context("migrate")?;
+        if applied.is_empty() {
+            println!("notesd: {target}: schema is up to date");
+        } else {
+            println!("notesd: {target}: applied migrations {applied:?}");
+        }
+    }
+    let rows = store::migrate::applied(&store).await.context("migrate")?;
+    if status_only {
+        let embedded = store::migrate::migrator(store.backend());
+        println!("{:<8} {:<8} description", "version", "state");
+        for m in embedded.iter() {
+            let state = match rows.iter().find(|r| r.0 == m.version) {
+                Some((_, true, _)) => "applied",
+                Some((_, false, _)) => "FAILED",
+                None => "pending",
+            };
+            println!("{:<8} {:<8} {}", m.version, state, m.description);
+        }
+        for (v, _, d) in rows.iter().filter(|r| !embedded.version_exists(r.0)) {
+            println!("{v:<8} {:<8} {d} (unknown to this binary)", "newer");
+        }
+    }
+    store.close().await;
+    Ok(0)
+}
+
+/// The SQLite database file (for the migration lock), if the URL is SQLite.
+fn sqlite_file(cfg: &Config) -> Option<PathBuf> {
+    let rest = cfg.database.url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty()).then(|| PathBuf::from(path))
+}
+
+fn print_status(st: &notesd::master::control::Status) {
+    println!(
+        "master {} ({}) — {} — generation {} — {}/{} workers — up {:.0} s — {} restarts — config {}",
+        st.master_pid,
+        st.version,
+        st.phase,
+        st.generation,
+        st.workers.iter().filter(|w| w.state == "ready").count(),
+        st.target_workers,
+        st.uptime_s,
+        st.restarts,
+        st.config
+    );
+    println!(
+        "{:>8} {:>4} {:>4} {:<9} {:>9} {:>9} {:>5} {:>10}  current request",
+        "pid", "slot", "gen", "state", "age", "requests", "conns", "heartbeat"
+    );
+    for w in &st.workers {
+        let current = w
+            .current_request
+            .as_ref()
+            .map(|r| {
+                format!(
+                    "{} {} ({} ms, {})",
+                    r.method, r.path, r.elapsed_ms, r.request_id
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "{:>8} {:>4} {:>4} {:<9} {:>8.1}s {:>9} {:>5} {:>9.2}s  {}",
+            w.pid,
+            w.slot,
+            w.generation,
+            w.state,
+            w.age_s,
+            w.requests,
+            w.active_connections,
+            w.last_heartbeat_s,
+            current
+        );
+    }
+}

@@ -1,0 +1,130 @@
+//! THE signal table, and the wait for the next thing to happen.
+//!
+//! Signal handlers only record that a signal arrived (an atomic flag per
+//! signal) and write a byte to a self-pipe, so `poll()` wakes up (gunicorn's
+//! "handlers only enqueue"). Everything else happens in the main loop.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::signal::Signal;
+
+use crate::master::state::Sig;
+
+/// What a signal to the master means (DESIGN §3). One table, read by both the
+/// registration code and the dispatcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MasterSignal {
+    Hup,
+    Child,
+    Act(Sig),
+}
+
+pub const SIGNAL_TABLE: &[(Signal, MasterSignal)] = &[
+    (Signal::SIGCHLD, MasterSignal::Child),
+    (Signal::SIGINT, MasterSignal::Act(Sig::Int)),
+    (Signal::SIGQUIT, MasterSignal::Act(Sig::Quit)),
+    (Signal::SIGTERM, MasterSignal::Act(Sig::Term)),
+    (Signal::SIGHUP, MasterSignal::Hup),
+    (Signal::SIGTTIN, MasterSignal::Act(Sig::Ttin)),
+    (Signal::SIGTTOU, MasterSignal::Act(Sig::Ttou)),
+    (Signal::SIGUSR1, MasterSignal::Act(Sig::Usr1)),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignalError {
+    #[error("self-pipe: {0}")]
+    Pipe(nix::Error),
+    #[error("registering {0}: {1}")]
+    Register(Signal, std::io::Error),
+}
+
+/// Registered handlers: one flag per table row, one wake-up pipe.
+pub struct Signals {
+    flags: Vec<Arc<AtomicBool>>,
+    read: OwnedFd,
+    _write: OwnedFd,
+    ids: Vec<signal_hook::SigId>,
+}
+
+impl Signals {
+    pub fn register() -> Result<Signals, SignalError> {
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(SignalError::Pipe)?;
+        let mut flags = Vec::new();
+        let mut ids = Vec::new();
+        for (sig, _) in SIGNAL_TABLE {
+            let flag = Arc::new(AtomicBool::new(false));
+            let raw = *sig as i32;
+            ids.push(
+                signal_hook::flag::register(raw, flag.clone())
+                    .map_err(|e| SignalError::Register(*sig, e))?,
+            );
+            let wake = write
+                .try_clone()
+                .map_err(|e| SignalError::Register(*sig, e))?;
+            ids.push(
+                signal_hook::low_level::pipe::register_raw(raw, wake)
+                    .map_err(|e| SignalError::Register(*sig, e))?,
+            );
+            flags.push(flag);
+        }
+        Ok(Signals {
+            flags,
+            read,
+            _write: write,
+            ids,
+        })
+    }
+
+    pub fn wake_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+
+    /// Signals that arrived since the last call, in table order.
+    pub fn take(&self) -> Vec<MasterSignal> {
+        let mut buf = [0u8; 64];
+        while matches!(nix::unistd::read(&self.read, &mut buf), Ok(n) if n > 0) {}
+        SIGNAL_TABLE
+            .iter()
+            .zip(&self.flags)
+            .filter(|(_, f)| f.swap(false, Ordering::AcqRel))
+            .map(|((_, m), _)| *m)
+            .collect()
+    }
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_design_signal_is_in_the_table_once() {
+        for s in [
+            Signal::SIGHUP,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGQUIT,
+            Signal::SIGTTIN,
+            Signal::SIGTTOU,
+            Signal::SIGUSR1,
+            Signal::SIGCHLD,
+        ] {
+            assert_eq!(
+                SIGNAL_TABLE.iter().filter(|(x, _)| *x == s).count(),
+                1,
+                "{s}"
+            );
+        }
+    }
+}

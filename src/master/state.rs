@@ -1,0 +1,987 @@
+//! The master's decisions, as a pure state machine: `handle(Event, now) -> Vec<Action>`.
+//!
+//! No syscalls here: time comes in as `now` (monotonic), heartbeats come in on
+//! `Event::Tick`, and every effect (fork, kill, notify, exit) goes out as an
+//! [`Action`] for the edge (`master::mod`) to carry out. That is what lets the
+//! unit tests below drive reloads, timeouts and boot failures in microseconds.
+//!
+//! The one rule behind reloads, recycling and TTOU: a worker that must go
+//! (older generation, asked to retire, surplus) is stopped only while the
+//! workers that are *ready* still cover the target. Capacity never dips.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, MAX_WORKERS};
+use crate::ipc::ToMaster;
+
+/// How long a SIGABRTed worker gets before SIGKILL.
+pub const ABORT_GRACE: Duration = Duration::from_millis(500);
+/// How long a quick shutdown (INT/QUIT) waits before SIGKILL.
+pub const QUICK_GRACE: Duration = Duration::from_secs(1);
+/// Boot failures in a row, before any worker was ever ready, that end the master (exit 3).
+pub const FIRST_BOOT_ATTEMPTS: u32 = 3;
+/// Boot failures of a reload's new generation before it is abandoned.
+pub const RELOAD_BOOT_ATTEMPTS: u32 = 3;
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub type Pid = i32;
+
+/// Signals the master acts on (HUP arrives as [`Event::Reload`] once the edge
+/// has re-read the config; CHLD as [`Event::Exited`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sig {
+    Term,
+    Int,
+    Quit,
+    Ttin,
+    Ttou,
+    Usr1,
+}
+
+/// Signals the master sends to workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerSig {
+    /// Drain and exit.
+    Term,
+    /// Exit now.
+    Quit,
+    /// Reopen log files.
+    Usr1,
+    Kill,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitHow {
+    Code(i32),
+    Signal(i32),
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The master is bound and ready to spawn the first generation.
+    Started,
+    Signal(Sig),
+    /// SIGHUP: the re-read config, or why it could not be used.
+    Reload(Result<Arc<Config>, String>),
+    Spawned {
+        pid: Pid,
+        slot: u32,
+        generation: u32,
+    },
+    SpawnFailed {
+        generation: u32,
+        error: String,
+    },
+    Message {
+        pid: Pid,
+        msg: ToMaster,
+    },
+    Exited {
+        pid: Pid,
+        how: ExitHow,
+    },
+    /// Periodic: the heartbeat (monotonic) of every worker, from the scoreboard.
+    Tick {
+        heartbeats: Vec<(Pid, Duration)>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notify {
+    Ready,
+    Stopping,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+#[derive(Debug, Clone)]
+pub enum Action {
+    Spawn {
+        generation: u32,
+        slot: u32,
+        config: Arc<Config>,
+    },
+    Signal {
+        pid: Pid,
+        sig: WorkerSig,
+    },
+    /// Heartbeat timeout: log what the worker was doing, then SIGABRT it.
+    TimeoutKill {
+        pid: Pid,
+        slot: u32,
+        silent_for: Duration,
+    },
+    Notify(Notify),
+    ReopenLogs,
+    Log(Level, String),
+    Exit(i32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    Booting,
+    Ready,
+    /// Asked to retire (max_requests); keeps serving until its replacement is ready.
+    Retiring,
+    /// SIGTERM sent at `since`: draining.
+    Stopping {
+        since: Duration,
+    },
+    /// SIGABRT (then SIGKILL) sent at `since`.
+    Killing {
+        since: Duration,
+        kill_sent: bool,
+    },
+}
+
+impl WorkerState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            WorkerState::Booting => "booting",
+            WorkerState::Ready => "ready",
+            WorkerState::Retiring => "retiring",
+            WorkerState::Stopping { .. } => "stopping",
+            WorkerState::Killing { .. } => "killing",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub pid: Pid,
+    pub slot: u32,
+    pub generation: u32,
+    pub state: WorkerState,
+    pub spawned_at: Duration,
+    pub ready_at: Option<Duration>,
+    pub boot_error: Option<String>,
+    /// The worker said retrying cannot help.
+    pub boot_fatal: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Starting,
+    Running,
+    Stopping { deadline: Duration, quick: bool },
+}
+
+/// A reload whose generation has not yet produced a ready worker.
+#[derive(Debug, Clone)]
+struct Pending {
+    generation: u32,
+    failures: u32,
+}
+
+pub struct State {
+    phase: Phase,
+    configs: BTreeMap<u32, Arc<Config>>,
+    /// The generation that serves and that top-ups follow.
+    current: u32,
+    pending: Option<Pending>,
+    /// Workers wanted, for the newest generation (pending or current).
+    target: u32,
+    workers: BTreeMap<Pid, Worker>,
+    /// Slots handed out in `Action::Spawn` whose outcome has not come back yet.
+    spawning: BTreeMap<u32, u32>,
+    slots: u32,
+    /// A reload started; READY is due once it completes.
+    reload_in_progress: bool,
+    ever_ready: bool,
+    failures_in_row: u32,
+    backoff_until: Duration,
+    last_boot_error: Option<String>,
+    last_tick: Option<Duration>,
+    resumed_at: Duration,
+    retire_queue: VecDeque<Pid>,
+    kill_all_sent: bool,
+    exit_code: i32,
+    started_at: Duration,
+    /// Workers that died without being asked to (crash, kill, timeout).
+    pub restarts: u64,
+    pub boot_failures: u64,
+}
+
+impl State {
+    pub fn new(config: Arc<Config>, slots: u32, now: Duration) -> State {
+        let target = config.worker_count();
+        let mut configs = BTreeMap::new();
+        configs.insert(1, config);
+        State {
+            phase: Phase::Starting,
+            configs,
+            current: 1,
+            pending: None,
+            target,
+            workers: BTreeMap::new(),
+            spawning: BTreeMap::new(),
+            slots,
+            reload_in_progress: false,
+            ever_ready: false,
+            failures_in_row: 0,
+            backoff_until: Duration::ZERO,
+            last_boot_error: None,
+            last_tick: None,
+            resumed_at: Duration::ZERO,
+            retire_queue: VecDeque::new(),
+            kill_all_sent: false,
+            exit_code: 0,
+            started_at: now,
+            restarts: 0,
+            boot_failures: 0,
+        }
+    }
+
+    // ---- read-only views (status, tests) ----
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Starting => "starting",
+            Phase::Stopping { .. } => "stopping",
+            Phase::Running if self.reloading() => "reloading",
+            Phase::Running => "running",
+        }
+    }
+
+    /// The newest generation (the pending one during a reload).
+    pub fn generation(&self) -> u32 {
+        self.pending.as_ref().map_or(self.current, |p| p.generation)
+    }
+
+    pub fn current_generation(&self) -> u32 {
+        self.current
+    }
+
+    pub fn target(&self) -> u32 {
+        self.target
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.configs[&self.generation()]
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.workers.values()
+    }
+
+    pub fn worker(&self, pid: Pid) -> Option<&Worker> {
+        self.workers.get(&pid)
+    }
+
+    pub fn started_at(&self) -> Duration {
+        self.started_at
+    }
+
+    /// The new generation has taken over: nothing outdated still serves or boots.
+    fn swap_done(&self) -> bool {
+        self.pending.is_none()
+            && !self.workers.values().any(|w| {
+                w.generation != self.current
+                    && matches!(
+                        w.state,
+                        WorkerState::Booting | WorkerState::Ready | WorkerState::Retiring
+                    )
+            })
+    }
+
+    fn reloading(&self) -> bool {
+        self.pending.is_some() || self.workers.values().any(|w| w.generation != self.current)
+    }
+
+    // ---- the decision function ----
+
+    pub fn handle(&mut self, event: Event, now: Duration) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::Started => {}
+            Event::Signal(sig) => self.on_signal(sig, now, &mut out),
+            Event::Reload(result) => self.on_reload(result, &mut out),
+            Event::Spawned {
+                pid,
+                slot,
+                generation,
+            } => {
+                self.workers.insert(
+                    pid,
+                    Worker {
+                        pid,
+                        slot,
+                        generation,
+                        state: WorkerState::Booting,
+                        spawned_at: now,
+                        ready_at: None,
+                        boot_error: None,
+                        boot_fatal: false,
+                    },
+                );
+                if matches!(self.phase, Phase::Stopping { .. }) {
+                    self.stop(pid, now, &mut out);
+                }
+            }
+            Event::SpawnFailed { generation, error } => {
+                out.push(Action::Log(
+                    Level::Error,
+                    format!("cannot spawn a worker of generation {generation}: {error}"),
+                ));
+                self.boot_failed(generation, error, false, now, &mut out);
+            }
+            Event::Message { pid, msg } => self.on_message(pid, msg, now, &mut out),
+            Event::Exited { pid, how } => self.on_exit(pid, how, now, &mut out),
+            Event::Tick { heartbeats } => self.on_tick(&heartbeats, now, &mut out),
+        }
+        self.manage(now, &mut out);
+        out
+    }
+
+    fn on_signal(&mut self, sig: Sig, now: Duration, out: &mut Vec<Action>) {
+        match sig {
+            Sig::Term | Sig::Int | Sig::Quit => {
+                let quick = sig != Sig::Term;
+                if let Phase::Stopping {
+                    quick: was_quick, ..
+                } = self.phase
+                    && (was_quick || !quick)
+                {
+                    return;
+                }
+                let grace = if quick {
+                    QUICK_GRACE
+                } else {
+                    self.configs[&self.current].graceful_timeout()
+                };
+                out.push(Action::Log(
+                    Level::Info,
+                    format!(
+                        "{} shutdown: {} worker(s) to stop within {:?}",
+                        if quick { "quick" } else { "graceful" },
+                        self.workers.len(),
+                        grace
+                    ),
+                ));
+                self.phase = Phase::Stopping {
+                    deadline: now + grace,
+                    quick,
+                };
+                out.push(Action::Notify(Notify::Stopping));
+                let pids: Vec<Pid> = self.workers.keys().copied().collect();
+                for pid in pids {
+                    if quick {
+                        self.send(pid, WorkerSig::Quit, now, out);
+                    } else {
+                        self.stop(pid, now, out);
+                    }
+                }
+            }
+            Sig::Ttin => {
+                if self.target < MAX_WORKERS {
+                    self.target += 1;
+                }
+                out.push(Action::Log(
+                    Level::Info,
+                    format!("TTIN: target is now {} worker(s)", self.target),
+                ));
+            }
+            Sig::Ttou => {
+                self.target = self.target.saturating_sub(1).max(1);
+                out.push(Action::Log(
+                    Level::Info,
+                    format!("TTOU: target is now {} worker(s)", self.target),
+                ));
+            }
+            Sig::Usr1 => {
+                out.push(Action::ReopenLogs);
+                for pid in self.workers.keys() {
+                    out.push(Action::Signal {
+                        pid: *pid,
+                        sig: WorkerSig::Usr1,
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_reload(&mut self, result: Result<Arc<Config>, String>, out: &mut Vec<Action>) {
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            return;
+        }
+        let config = match result {
+            Ok(c) => c,
+            Err(e) => {
+                out.push(Action::Log(
+                    Level::Error,
+                    format!(
+                        "reload refused, generation {} keeps serving: {e}",
+                        self.current
+                    ),
+                ));
+                out.push(Action::Notify(Notify::Ready));
+                return;
+            }
+        };
+        let old_binds = self.configs[&self.current].binds();
+        if config.binds() != old_binds {
+            out.push(Action::Log(
+                Level::Warn,
+                "server.bind changed: the listening sockets stay as they are until a restart"
+                    .into(),
+            ));
+        }
+        if let Some(p) = self.pending.take() {
+            out.push(Action::Log(
+                Level::Info,
+                format!("generation {} superseded before it was ready", p.generation),
+            ));
+        }
+        let generation = self.configs.keys().next_back().copied().unwrap_or(0) + 1;
+        self.target = config.worker_count();
+        out.push(Action::Log(
+            Level::Info,
+            format!(
+                "reload: starting generation {generation} with {} worker(s) ({})",
+                self.target, config.source
+            ),
+        ));
+        self.configs.insert(generation, config);
+        self.pending = Some(Pending {
+            generation,
+            failures: 0,
+        });
+        self.reload_in_progress = true;
+        // A new generation deserves a fresh start, not the old one's backoff.
+        self.failures_in_row = 0;
+        self.backoff_until = Duration::ZERO;
+    }
+
+    fn on_message(&mut self, pid: Pid, msg: ToMaster, now: Duration, out: &mut Vec<Action>) {
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        match msg {
+            ToMaster::Ready => {
+                if w.state != WorkerState::Booting {
+                    return;
+                }
+                w.state = WorkerState::Ready;
+                w.ready_at = Some(now);
+                let (generation, boot) = (w.generation, now.saturating_sub(w.spawned_at));
+                out.push(Action::Log(
+                    Level::Info,
+                    format!(
+                        "worker {pid} (generation {generation}) ready in {} ms",
+                        boot.as_millis()
+                    ),
+                ));
+                if matches!(self.phase, Phase::Stopping { .. }) {
+                    self.stop(pid, now, out);
+                    return;
+                }
+                self.failures_in_row = 0;
+                self.ever_ready = true;
+                if self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.generation == generation)
+                {
+                    self.pending = None;
+                    self.current = generation;
+                    out.push(Action::Log(
+                        Level::Info,
+                        format!("generation {generation} is serving; retiring older workers as new ones get ready"),
+                    ));
+                }
+            }
+            ToMaster::BootFailed { error, fatal } => {
+                out.push(Action::Log(
+                    Level::Error,
+                    format!("worker {pid} failed to boot: {error}"),
+                ));
+                w.boot_error = Some(error);
+                w.boot_fatal = fatal;
+            }
+            ToMaster::Retire { requests } => {
+                if w.state != WorkerState::Ready || self.retire_queue.contains(&pid) {
+                    return;
+                }
+                out.push(Action::Log(
+                    Level::Info,
+                    format!("worker {pid} served {requests} requests: recycling it"),
+                ));
+                self.retire_queue.push_back(pid);
+            }
+            ToMaster::Unknown => out.push(Action::Log(
+                Level::Warn,
+                format!("worker {pid} sent a message this master does not know; ignored"),
+            )),
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, how: ExitHow, now: Duration, out: &mut Vec<Action>) {
+        let Some(w) = self.workers.remove(&pid) else {
+            return;
+        };
+        self.retire_queue.retain(|p| *p != pid);
+        let how_text = match how {
+            ExitHow::Code(c) => format!("exit code {c}"),
+            ExitHow::Signal(s) => format!("signal {s}"),
+        };
+        match w.state {
+            WorkerState::Booting => {
+                let error = w
+                    .boot_error
+                    .unwrap_or_else(|| format!("exited before it was ready ({how_text})"));
+                if !matches!(self.phase, Phase::Stopping { .. }) {
+                    self.boot_failed(w.generation, error, w.boot_fatal, now, out);
+                }
+            }
+            WorkerState::Stopping { .. } | WorkerState::Killing { .. } => {
+                let level = if matches!(how, ExitHow::Code(0)) {
+                    Level::Info
+                } else {
+                    Level::Warn
+                };
+                out.push(Action::Log(
+                    level,
+                    format!("worker {pid} stopped ({how_text})"),
+                ));
+            }
+            WorkerState::Ready | WorkerState::Retiring => {
+                if !matches!(self.phase, Phase::Stopping { .. }) {
+                    self.restarts += 1;
+                    out.push(Action::Log(
+                        Level::Warn,
+                        format!("worker {pid} died unexpectedly ({how_text}); replacing it"),
+                    ));
+                }
+            }
+        }
+        if let Phase::Stopping { .. } = self.phase
+            && self.workers.is_empty()
+        {
+            out.push(Action::Log(
+                Level::Info,
+                "all workers stopped; exiting".into(),
+            ));
+            out.push(Action::Exit(self.exit_code));
+        }
+    }
+
+    fn boot_failed(
+        &mut self,
+        generation: u32,
+        error: String,
+        fatal: bool,
+        now: Duration,
+        out: &mut Vec<Action>,
+    ) {
+        self.boot_failures += 1;
+        self.failures_in_row += 1;
+        self.backoff_until = now + backoff(self.failures_in_row);
+        self.last_boot_error = Some(error.clone());
+        if let Some(p) = self.pending.as_mut()
+            && p.generation == generation
+        {
+            p.failures += 1;
+            let spawned = self.configs[&generation].worker_count();
+            if fatal || p.failures >= RELOAD_BOOT_ATTEMPTS.min(spawned.max(1)) {
+                out.push(Action::Log(
+                    Level::Error,
+                    format!(
+                        "reload abandoned: generation {generation} cannot boot ({error}); generation {} keeps serving",
+                        self.current
+                    ),
+                ));
+                self.pending = None;
+                self.reload_in_progress = false;
+                self.target = self.configs[&self.current].worker_count();
+                self.failures_in_row = 0;
+                self.backoff_until = Duration::ZERO;
+                let doomed: Vec<Pid> = self
+                    .workers
+                    .values()
+                    .filter(|w| w.generation == generation)
+                    .map(|w| w.pid)
+                    .collect();
+                for pid in doomed {
+                    self.send(pid, WorkerSig::Quit, now, out);
+                }
+                out.push(Action::Notify(Notify::Ready));
+            }
+            return;
+        }
+        if !self.ever_ready && (fatal || self.failures_in_row >= FIRST_BOOT_ATTEMPTS) {
+            // A fatal cause (the schema does not match) is a runtime failure
+            // (1); workers that keep failing to boot are Gunicorn's 3.
+            self.exit_code = if fatal { 1 } else { 3 };
+            out.push(Action::Log(
+                Level::Error,
+                format!(
+                    "no worker could boot ({} attempt(s)); last error: {error}; exiting with code {}",
+                    self.failures_in_row, self.exit_code
+                ),
+            ));
+            for pid in self.workers.keys() {
+                out.push(Action::Signal {
+                    pid: *pid,
+                    sig: WorkerSig::Kill,
+                });
+            }
+            out.push(Action::Exit(self.exit_code));
+            self.phase = Phase::Stopping {
+                deadline: now,
+                quick: true,
+            };
+        } else {
+            out.push(Action::Log(
+                Level::Warn,
+                format!(
+                    "boot failure {} in a row; next attempt in {} ms",
+                    self.failures_in_row,
+                    backoff(self.failures_in_row).as_millis()
+                ),
+            ));
+        }
+    }
+
+    fn on_tick(&mut self, heartbeats: &[(Pid, Duration)], now: Duration, out: &mut Vec<Action>) {
+        if let Some(last) = self.last_tick {
+            let stall = now.saturating_sub(last);
+            let limit = (self.configs[&self.current].timeout() / 2).max(Duration::from_secs(2));
+            if stall > limit {
+                self.resumed_at = now;
+                out.push(Action::Log(
+                    Level::Warn,
+                    format!(
+                        "the master itself was not running for {:.1} s; giving every worker a fresh timeout",
+                        stall.as_secs_f64()
+                    ),
+                ));
+            }
+        }
+        self.last_tick = Some(now);
+        for &(pid, beat) in heartbeats {
+            let Some(w) = self.workers.get(&pid) else {
+                continue;
+            };
+            let timeout = self.configs[&w.generation].timeout();
+            let seen = beat.max(self.resumed_at).max(w.spawned_at);
+            let silent = now.saturating_sub(seen);
+            if silent > timeout && !matches!(w.state, WorkerState::Killing { .. }) {
+                out.push(Action::TimeoutKill {
+                    pid,
+                    slot: w.slot,
+                    silent_for: silent,
+                });
+                self.set_state(
+                    pid,
+                    WorkerState::Killing {
+                        since: now,
+                        kill_sent: false,
+                    },
+                );
+            }
+        }
+        let graceful =
+            |w: &Worker, cfgs: &BTreeMap<u32, Arc<Config>>| cfgs[&w.generation].graceful_timeout();
+        let mut kills = Vec::new();
+        for w in self.workers.values_mut() {
+            match w.state {
+                WorkerState::Killing {
+                    since,
+                    kill_sent: false,
+                } if now.saturating_sub(since) >= ABORT_GRACE => {
+                    w.state = WorkerState::Killing {
+                        since,
+                        kill_sent: true,
+                    };
+                    kills.push((w.pid, "did not exit after SIGABRT".to_string()));
+                }
+                WorkerState::Stopping { since }
+                    if now.saturating_sub(since) > graceful(w, &self.configs) =>
+                {
+                    w.state = WorkerState::Killing {
+                        since: now,
+                        kill_sent: true,
+                    };
+                    kills.push((w.pid, "still draining after graceful_timeout".to_string()));
+                }
+                _ => {}
+            }
+        }
+        if let Phase::Stopping { deadline, .. } = self.phase
+            && now >= deadline
+            && !self.kill_all_sent
+        {
+            self.kill_all_sent = true;
+            for w in self.workers.values_mut() {
+                if !matches!(
+                    w.state,
+                    WorkerState::Killing {
+                        kill_sent: true,
+                        ..
+                    }
+                ) {
+                    w.state = WorkerState::Killing {
+                        since: now,
+                        kill_sent: true,
+                    };
+                    kills.push((w.pid, "shutdown deadline passed".to_string()));
+                }
+            }
+        }
+        for (pid, why) in kills {
+            out.push(Action::Log(
+                Level::Warn,
+                format!("worker {pid}: {why}; SIGKILL"),
+            ));
+            out.push(Action::Signal {
+                pid,
+                sig: WorkerSig::Kill,
+            });
+        }
+    }
+
+    /// Top up, retire, trim: the "kill the stuck, top up" half of every tick.
+    fn manage(&mut self, now: Duration, out: &mut Vec<Action>) {
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            return;
+        }
+        // 1. Start a queued retirement (one at a time).
+        if !self
+            .workers
+            .values()
+            .any(|w| w.state == WorkerState::Retiring)
+        {
+            while let Some(pid) = self.retire_queue.pop_front() {
+                if self
+                    .workers
+                    .get(&pid)
+                    .is_some_and(|w| w.state == WorkerState::Ready)
+                {
+                    self.set_state(pid, WorkerState::Retiring);
+                    break;
+                }
+            }
+        }
+        // 2. Spawn the newest generation up to its target (retirees don't count).
+        let newest = self.generation();
+        let unconfirmed = self.spawning.values().filter(|g| **g == newest).count() as u32;
+        let of_newest = |s: WorkerState| {
+            self.workers
+                .values()
+                .filter(|w| w.generation == newest && w.state == s)
+                .count() as u32
+        };
+        let booting = of_newest(WorkerState::Booting) + unconfirmed;
+        let active = booting + of_newest(WorkerState::Ready);
+        if active < self.target && now >= self.backoff_until {
+            // After a failure, probe with one worker at a time.
+            let want = if self.failures_in_row > 0 {
+                u32::from(booting == 0)
+            } else {
+                self.target - active
+            };
+            for _ in 0..want {
+                let Some(slot) = self.free_slot(out) else {
+                    break;
+                };
+                self.spawning.insert(slot, newest);
+                out.push(Action::Spawn {
+                    generation: newest,
+                    slot,
+                    config: self.configs[&newest].clone(),
+                });
+            }
+        }
+        // 3. Stop what must go, one at a time, while ready workers cover the target.
+        while let Some(victim) = self.next_to_go() {
+            self.stop(victim, now, out);
+        }
+        // 4. Tell systemd when a start or a reload is complete.
+        let ready = self.ready_count();
+        if self.phase == Phase::Starting
+            && ready > 0
+            && (ready >= self.target || self.failures_in_row > 0)
+        {
+            self.phase = Phase::Running;
+            out.push(Action::Log(
+                Level::Info,
+                format!(
+                    "ready: {ready} worker(s) serving (generation {})",
+                    self.current
+                ),
+            ));
+            out.push(Action::Notify(Notify::Ready));
+        }
+        if self.reload_in_progress && self.swap_done() && ready >= self.target {
+            self.reload_in_progress = false;
+            out.push(Action::Log(
+                Level::Info,
+                format!(
+                    "reload complete: generation {} serving with {ready} worker(s)",
+                    self.current
+                ),
+            ));
+            out.push(Action::Notify(Notify::Ready));
+        }
+    }
+
+    /// The next worker that must go now without letting capacity dip below the target.
+    ///
+    /// Must go: workers of an outdated generation, a retiree, surplus after
+    /// TTOU. A not-yet-ready one goes at once (it serves nobody); a serving one
+    /// only while the others that serve still cover the target.
+    fn next_to_go(&self) -> Option<Pid> {
+        let pending = self.pending.as_ref().map(|p| p.generation);
+        let stale = |w: &Worker| w.generation != self.current && Some(w.generation) != pending;
+        let serving = self
+            .workers
+            .values()
+            .filter(|w| matches!(w.state, WorkerState::Ready | WorkerState::Retiring))
+            .count() as u32;
+        let can_lose_one = serving > self.target;
+        let mut candidates: Vec<&Worker> = self
+            .workers
+            .values()
+            .filter(|w| {
+                matches!(
+                    w.state,
+                    WorkerState::Booting | WorkerState::Ready | WorkerState::Retiring
+                )
+            })
+            .collect();
+        // Outdated generations first (oldest first), then retirees.
+        candidates.sort_by_key(|w| (w.generation, w.spawned_at));
+        if let Some(w) = candidates
+            .iter()
+            .find(|w| stale(w) && w.state == WorkerState::Booting)
+        {
+            return Some(w.pid);
+        }
+        if let Some(w) = candidates.iter().find(|w| stale(w)) {
+            return can_lose_one.then_some(w.pid);
+        }
+        if let Some(w) = candidates.iter().find(|w| w.state == WorkerState::Retiring) {
+            return can_lose_one.then_some(w.pid);
+        }
+        if pending.is_some() {
+            return None;
+        }
+        // Surplus after TTOU: a booting one first, else the oldest ready one.
+        let active: Vec<&&Worker> = candidates
+            .iter()
+            .filter(|w| matches!(w.state, WorkerState::Booting | WorkerState::Ready))
+            .collect();
+        if active.len() as u32 + self.spawning.len() as u32 > self.target {
+            if let Some(w) = active
+                .iter()
+                .rev()
+                .find(|w| w.state == WorkerState::Booting)
+            {
+                return Some(w.pid);
+            }
+            return active.first().map(|w| w.pid);
+        }
+        None
+    }
+
+    fn ready_count(&self) -> u32 {
+        self.workers
+            .values()
+            .filter(|w| w.generation == self.current && w.state == WorkerState::Ready)
+            .count() as u32
+    }
+
+    fn free_slot(&self, out: &mut Vec<Action>) -> Option<u32> {
+        let used: std::collections::BTreeSet<u32> = self
+            .workers
+            .values()
+            .map(|w| w.slot)
+            .chain(self.spawning.keys().copied())
+            .collect();
+        let slot = (0..self.slots).find(|s| !used.contains(s));
+        if slot.is_none() {
+            out.push(Action::Log(
+                Level::Error,
+                "no free scoreboard slot; not spawning".into(),
+            ));
+        }
+        slot
+    }
+
+    /// Record the outcome of an `Action::Spawn` (the edge calls this through `handle`).
+    pub fn spawned(
+        &mut self,
+        slot: u32,
+        result: Result<Pid, String>,
+        generation: u32,
+        now: Duration,
+    ) -> Vec<Action> {
+        self.spawning.remove(&slot);
+        match result {
+            Ok(pid) => self.handle(
+                Event::Spawned {
+                    pid,
+                    slot,
+                    generation,
+                },
+                now,
+            ),
+            Err(error) => self.handle(Event::SpawnFailed { generation, error }, now),
+        }
+    }
+
+    fn stop(&mut self, pid: Pid, now: Duration, out: &mut Vec<Action>) {
+        let Some(w) = self.workers.get(&pid) else {
+            return;
+        };
+        if matches!(
+            w.state,
+            WorkerState::Stopping { .. } | WorkerState::Killing { .. }
+        ) {
+            return;
+        }
+        self.set_state(pid, WorkerState::Stopping { since: now });
+        out.push(Action::Signal {
+            pid,
+            sig: WorkerSig::Term,
+        });
+    }
+
+    fn send(&mut self, pid: Pid, sig: WorkerSig, now: Duration, out: &mut Vec<Action>) {
+        if sig == WorkerSig::Quit {
+            self.set_state(pid, WorkerState::Stopping { since: now });
+        }
+        out.push(Action::Signal { pid, sig });
+    }
+
+    fn set_state(&mut self, pid: Pid, state: WorkerState) {
+        if let Some(w) = self.workers.get_mut(&pid) {
+            w.state = state;
+        }
+    }
+
+    pub fn last_boot_error(&self) -> Option<&str> {
+        self.last_boot_error.as_deref()
+    }
+}
+
+/// Exponential backoff after the n-th boot failure in a row.
+pub fn backoff(n: u32) -> Duration {
+    let exp = n.saturating_sub(1).min(16);
+    (BACKOFF_BASE * 2u32.pow(exp)).min(BACKOFF_MAX)
+}
+
+#[cfg(test)]
+mod tests;

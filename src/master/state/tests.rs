@@ -1,0 +1,495 @@
+//! Unit tests for the master's decisions: processes are pids, time is a number.
+
+use super::*;
+use crate::config::Config;
+
+const S: Duration = Duration::from_secs(1);
+
+fn config(workers: u32) -> Arc<Config> {
+    let mut c = Config::embedded();
+    c.server.workers = workers;
+    c.server.timeout = 10;
+    c.server.graceful_timeout = 5;
+    Arc::new(c)
+}
+
+/// A tiny harness: executes Spawn actions by inventing pids.
+struct Sim {
+    state: State,
+    now: Duration,
+    next_pid: Pid,
+    log: Vec<Action>,
+}
+
+impl Sim {
+    fn new(workers: u32) -> Sim {
+        let now = 100 * S;
+        Sim {
+            state: State::new(config(workers), 64, now),
+            now,
+            next_pid: 1000,
+            log: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, event: Event) -> Vec<Action> {
+        let mut queue = self.state.handle(event, self.now);
+        let mut all = Vec::new();
+        while let Some(a) = queue.first().cloned() {
+            queue.remove(0);
+            if let Action::Spawn {
+                generation, slot, ..
+            } = a
+            {
+                self.next_pid += 1;
+                let more = self
+                    .state
+                    .spawned(slot, Ok(self.next_pid), generation, self.now);
+                queue.extend(more);
+            }
+            all.push(a);
+        }
+        self.log.extend(all.clone());
+        all
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+    }
+
+    fn pids(&self, state: &str) -> Vec<Pid> {
+        self.state
+            .workers()
+            .filter(|w| w.state.name() == state)
+            .map(|w| w.pid)
+            .collect()
+    }
+
+    fn ready_all_booting(&mut self) {
+        for pid in self.pids("booting") {
+            self.run(Event::Message {
+                pid,
+                msg: ToMaster::Ready,
+            });
+        }
+    }
+
+    fn exit(&mut self, pid: Pid, code: i32) -> Vec<Action> {
+        self.run(Event::Exited {
+            pid,
+            how: ExitHow::Code(code),
+        })
+    }
+
+    fn beats(&self, at: Duration) -> Vec<(Pid, Duration)> {
+        self.state.workers().map(|w| (w.pid, at)).collect()
+    }
+}
+
+fn signals(actions: &[Action], want: WorkerSig) -> Vec<Pid> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Signal { pid, sig } if *sig == want => Some(*pid),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has_notify(actions: &[Action], n: Notify) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::Notify(x) if *x == n))
+}
+
+fn exit_code(actions: &[Action]) -> Option<i32> {
+    actions.iter().find_map(|a| match a {
+        Action::Exit(c) => Some(*c),
+        _ => None,
+    })
+}
+
+#[test]
+fn start_spawns_target_and_notifies_ready_once_all_are_ready() {
+    let mut sim = Sim::new(3);
+    let a = sim.run(Event::Started);
+    assert_eq!(
+        a.iter()
+            .filter(|a| matches!(a, Action::Spawn { .. }))
+            .count(),
+        3
+    );
+    let booting = sim.pids("booting");
+    sim.run(Event::Message {
+        pid: booting[0],
+        msg: ToMaster::Ready,
+    });
+    assert_eq!(sim.state.phase(), Phase::Starting);
+    sim.ready_all_booting();
+    assert_eq!(sim.state.phase(), Phase::Running);
+    assert!(has_notify(&sim.log, Notify::Ready));
+    let slots: std::collections::BTreeSet<u32> = sim.state.workers().map(|w| w.slot).collect();
+    assert_eq!(slots.len(), 3, "distinct slots");
+}
+
+#[test]
+fn dead_worker_is_replaced_and_counted() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let victim = sim.pids("ready")[0];
+    let a = sim.run(Event::Exited {
+        pid: victim,
+        how: ExitHow::Signal(9),
+    });
+    assert!(a.iter().any(|a| matches!(a, Action::Spawn { .. })));
+    assert_eq!(sim.state.restarts, 1);
+    assert_eq!(sim.pids("booting").len(), 1);
+}
+
+#[test]
+fn first_generation_that_never_boots_exits_3() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    let mut code = None;
+    for _ in 0..10 {
+        for pid in sim.pids("booting") {
+            sim.run(Event::Message {
+                pid,
+                msg: ToMaster::BootFailed {
+                    error: "unable to open database file".into(),
+                    fatal: false,
+                },
+            });
+            code = code.or(exit_code(&sim.exit(pid, 3)));
+        }
+        sim.advance(10 * S);
+        sim.run(Event::Tick { heartbeats: vec![] });
+        if code.is_some() {
+            break;
+        }
+    }
+    assert_eq!(code, Some(3));
+    let logged = sim.log.iter().any(
+        |a| matches!(a, Action::Log(Level::Error, m) if m.contains("unable to open database file")),
+    );
+    assert!(logged, "the worker's error is in the log");
+}
+
+#[test]
+fn a_schema_mismatch_ends_the_first_generation_at_once_with_1() {
+    let mut sim = Sim::new(3);
+    sim.run(Event::Started);
+    let pid = sim.pids("booting")[0];
+    sim.run(Event::Message {
+        pid,
+        msg: ToMaster::BootFailed {
+            error: "schema is older: run `notesd migrate`".into(),
+            fatal: true,
+        },
+    });
+    assert_eq!(exit_code(&sim.exit(pid, 3)), Some(1));
+}
+
+#[test]
+fn boot_failures_back_off_exponentially_once_serving() {
+    let mut sim = Sim::new(1);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let pid = sim.pids("ready")[0];
+    sim.run(Event::Exited {
+        pid,
+        how: ExitHow::Signal(9),
+    });
+    // The replacement fails to boot, twice: spawns are spaced by the backoff.
+    for n in 1..=2u32 {
+        let pid = sim.pids("booting")[0];
+        let a = sim.exit(pid, 3);
+        assert!(
+            exit_code(&a).is_none(),
+            "never exit 3 after the first ready"
+        );
+        assert!(!a.iter().any(|a| matches!(a, Action::Spawn { .. })));
+        sim.advance(backoff(n) / 2);
+        let a = sim.run(Event::Tick {
+            heartbeats: sim.beats(sim.now),
+        });
+        assert!(
+            !a.iter().any(|a| matches!(a, Action::Spawn { .. })),
+            "still backing off"
+        );
+        sim.advance(backoff(n));
+        let a = sim.run(Event::Tick {
+            heartbeats: sim.beats(sim.now),
+        });
+        assert!(a.iter().any(|a| matches!(a, Action::Spawn { .. })));
+    }
+    assert!(backoff(2) > backoff(1));
+    assert_eq!(backoff(50), Duration::from_secs(5));
+}
+
+#[test]
+fn reload_keeps_capacity_and_stops_old_only_after_new_are_ready() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let old = sim.pids("ready");
+    let a = sim.run(Event::Reload(Ok(config(2))));
+    assert_eq!(
+        a.iter()
+            .filter(|a| matches!(a, Action::Spawn { .. }))
+            .count(),
+        2
+    );
+    assert!(
+        signals(&a, WorkerSig::Term).is_empty(),
+        "nobody stops before a new worker is ready"
+    );
+    assert_eq!(sim.state.phase_name(), "reloading");
+    let new = sim.pids("booting");
+    let a = sim.run(Event::Message {
+        pid: new[0],
+        msg: ToMaster::Ready,
+    });
+    assert_eq!(
+        signals(&a, WorkerSig::Term),
+        vec![old[0]],
+        "one old worker per new ready one"
+    );
+    let a = sim.run(Event::Message {
+        pid: new[1],
+        msg: ToMaster::Ready,
+    });
+    assert_eq!(signals(&a, WorkerSig::Term), vec![old[1]]);
+    assert!(
+        has_notify(&a, Notify::Ready),
+        "READY once the new generation serves in full, without waiting for old drains"
+    );
+    for pid in old {
+        sim.exit(pid, 0);
+    }
+    assert_eq!(sim.state.phase_name(), "running");
+    assert_eq!(sim.state.generation(), 2);
+    assert!(has_notify(&sim.log, Notify::Ready));
+}
+
+#[test]
+fn reload_to_more_workers() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let a = sim.run(Event::Reload(Ok(config(4))));
+    assert_eq!(
+        a.iter()
+            .filter(|a| matches!(a, Action::Spawn { .. }))
+            .count(),
+        4
+    );
+    sim.ready_all_booting();
+    assert_eq!(sim.pids("stopping").len(), 2);
+    assert_eq!(sim.pids("ready").len(), 4);
+    assert!(
+        sim.state
+            .workers()
+            .filter(|w| w.state.name() == "ready")
+            .all(|w| w.generation == 2)
+    );
+}
+
+#[test]
+fn reload_whose_workers_cannot_boot_keeps_the_old_generation() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let old = sim.pids("ready");
+    sim.run(Event::Reload(Ok(config(2))));
+    for pid in sim.pids("booting") {
+        sim.exit(pid, 3);
+    }
+    assert_eq!(sim.state.generation(), 1, "reload abandoned");
+    assert_eq!(sim.pids("ready"), old);
+    assert!(
+        sim.log
+            .iter()
+            .any(|a| matches!(a, Action::Log(Level::Error, m) if m.contains("reload abandoned")))
+    );
+    // No retry storm of the bad generation.
+    sim.advance(10 * S);
+    let a = sim.run(Event::Tick {
+        heartbeats: sim.beats(sim.now),
+    });
+    assert!(!a.iter().any(|a| matches!(a, Action::Spawn { .. })));
+}
+
+#[test]
+fn invalid_reload_config_is_refused() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let a = sim.run(Event::Reload(Err("server.workers: invalid type".into())));
+    assert!(
+        !a.iter()
+            .any(|a| matches!(a, Action::Spawn { .. } | Action::Signal { .. }))
+    );
+    assert!(has_notify(&a, Notify::Ready));
+    assert_eq!(sim.state.generation(), 1);
+}
+
+#[test]
+fn ttin_and_ttou() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let a = sim.run(Event::Signal(Sig::Ttin));
+    assert_eq!(
+        a.iter()
+            .filter(|a| matches!(a, Action::Spawn { .. }))
+            .count(),
+        1
+    );
+    sim.ready_all_booting();
+    assert_eq!(sim.pids("ready").len(), 3);
+    let oldest = sim.pids("ready")[0];
+    let a = sim.run(Event::Signal(Sig::Ttou));
+    assert_eq!(signals(&a, WorkerSig::Term), vec![oldest]);
+    for _ in 0..5 {
+        sim.run(Event::Signal(Sig::Ttou));
+    }
+    assert_eq!(sim.state.target(), 1, "never below one worker");
+}
+
+#[test]
+fn max_requests_replacement_starts_before_the_retiree_stops() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let ready = sim.pids("ready");
+    let a = sim.run(Event::Message {
+        pid: ready[0],
+        msg: ToMaster::Retire { requests: 100 },
+    });
+    assert!(a.iter().any(|a| matches!(a, Action::Spawn { .. })));
+    assert!(signals(&a, WorkerSig::Term).is_empty());
+    // A second retiree waits its turn.
+    let a = sim.run(Event::Message {
+        pid: ready[1],
+        msg: ToMaster::Retire { requests: 100 },
+    });
+    assert!(!a.iter().any(|a| matches!(a, Action::Spawn { .. })));
+    let replacement = sim.pids("booting")[0];
+    let a = sim.run(Event::Message {
+        pid: replacement,
+        msg: ToMaster::Ready,
+    });
+    assert_eq!(signals(&a, WorkerSig::Term), vec![ready[0]]);
+    // Once the first retiree is gone, the second one's replacement starts.
+    let a = sim.exit(ready[0], 0);
+    assert!(a.iter().any(|a| matches!(a, Action::Spawn { .. })));
+    assert_eq!(sim.pids("retiring"), vec![ready[1]]);
+}
+
+#[test]
+fn silent_worker_is_aborted_then_killed() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let [a, b] = sim.pids("ready")[..] else {
+        panic!("two workers")
+    };
+    let t0 = sim.now;
+    sim.advance(11 * S);
+    let acts = sim.run(Event::Tick {
+        heartbeats: vec![(a, t0), (b, sim.now)],
+    });
+    assert!(
+        acts.iter()
+            .any(|x| matches!(x, Action::TimeoutKill { pid, .. } if *pid == a))
+    );
+    sim.advance(ABORT_GRACE);
+    let acts = sim.run(Event::Tick {
+        heartbeats: vec![(a, t0), (b, sim.now)],
+    });
+    assert_eq!(signals(&acts, WorkerSig::Kill), vec![a]);
+    sim.run(Event::Exited {
+        pid: a,
+        how: ExitHow::Signal(9),
+    });
+    assert_eq!(sim.pids("booting").len(), 1, "replaced");
+}
+
+#[test]
+fn a_stalled_master_does_not_mass_kill() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let t0 = sim.now;
+    sim.run(Event::Tick {
+        heartbeats: sim.beats(t0),
+    });
+    // The master was SIGSTOPped (with its workers) for a minute.
+    sim.advance(60 * S);
+    let acts = sim.run(Event::Tick {
+        heartbeats: sim.beats(t0),
+    });
+    assert!(!acts.iter().any(|x| matches!(x, Action::TimeoutKill { .. })));
+    // But a worker that stays silent after the resume is still caught.
+    let mut kills = 0;
+    for _ in 0..11 {
+        sim.advance(S);
+        let acts = sim.run(Event::Tick {
+            heartbeats: sim.beats(t0),
+        });
+        kills += acts
+            .iter()
+            .filter(|x| matches!(x, Action::TimeoutKill { .. }))
+            .count();
+    }
+    assert_eq!(kills, 2);
+}
+
+#[test]
+fn graceful_shutdown_drains_then_kills_laggards_then_exits_0() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let [a, b] = sim.pids("ready")[..] else {
+        panic!("two workers")
+    };
+    let acts = sim.run(Event::Signal(Sig::Term));
+    assert_eq!(signals(&acts, WorkerSig::Term), vec![a, b]);
+    assert!(has_notify(&acts, Notify::Stopping));
+    assert!(exit_code(&sim.exit(a, 0)).is_none());
+    sim.advance(6 * S);
+    let acts = sim.run(Event::Tick {
+        heartbeats: sim.beats(sim.now),
+    });
+    assert_eq!(signals(&acts, WorkerSig::Kill), vec![b]);
+    let acts = sim.run(Event::Exited {
+        pid: b,
+        how: ExitHow::Signal(9),
+    });
+    assert_eq!(exit_code(&acts), Some(0));
+    assert_eq!(sim.state.restarts, 0);
+}
+
+#[test]
+fn quick_shutdown_sends_quit() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let acts = sim.run(Event::Signal(Sig::Int));
+    assert_eq!(signals(&acts, WorkerSig::Quit).len(), 2);
+    // TERM after INT does not slow it down.
+    let acts = sim.run(Event::Signal(Sig::Term));
+    assert!(signals(&acts, WorkerSig::Term).is_empty());
+}
+
+#[test]
+fn usr1_reopens_everywhere() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let acts = sim.run(Event::Signal(Sig::Usr1));
+    assert!(acts.iter().any(|a| matches!(a, Action::ReopenLogs)));
+    assert_eq!(signals(&acts, WorkerSig::Usr1).len(), 2);
+}

@@ -1,0 +1,151 @@
+//! Broken connections.
+//!
+//! A pooled PostgreSQL connection can die while it sits idle: the server
+//! restarted, `pg_terminate_backend` ended it, a proxy or firewall cut it.
+//! Used as is, it fails the next request with a 503 although the database is
+//! back. Three rules keep that from reaching clients:
+//!
+//! * before use, a connection is pinged when it sat idle longer than
+//!   [`IDLE_PING`] (as pgxpool does), or when it is older than the last broken
+//!   connection this process saw, for [`SUSPECT_WINDOW`] after it;
+//! * a read whose connection broke is retried once, on another connection;
+//! * a write pings its connection first and is never retried (it may have
+//!   committed before the connection broke).
+//!
+//! Under load connections are never idle for long and nothing has broken, so
+//! reads cost no extra round trip. Health is per process: a worker has one pool.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::pool::{PoolConnection, PoolConnectionMetadata};
+use sqlx::{Connection, Database, Pool};
+
+use super::StoreError;
+use crate::clock;
+
+/// A connection idle longer than this is pinged before use.
+pub const IDLE_PING: Duration = Duration::from_secs(1);
+/// After a broken connection, older connections are suspect for this long.
+pub const SUSPECT_WINDOW: Duration = Duration::from_secs(30);
+
+/// When this process last saw a broken connection (`CLOCK_MONOTONIC` ns; 0: never).
+static LAST_BROKEN_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Remember that a connection broke now.
+pub fn broke() {
+    LAST_BROKEN_NS.store(clock::now_ns().max(1), Ordering::Relaxed);
+}
+
+/// The pool's `before_acquire` rule: ping this idle connection first?
+pub fn should_ping(meta: &PoolConnectionMetadata) -> bool {
+    should_ping_at(
+        meta.age,
+        meta.idle_for,
+        LAST_BROKEN_NS.load(Ordering::Relaxed),
+        clock::now_ns(),
+    )
+}
+
+fn should_ping_at(age: Duration, idle_for: Duration, last_broken_ns: u64, now_ns: u64) -> bool {
+    if idle_for > IDLE_PING {
+        return true;
+    }
+    if last_broken_ns == 0 {
+        return false;
+    }
+    let since = Duration::from_nanos(now_ns.saturating_sub(last_broken_ns));
+    since < SUSPECT_WINDOW && age > since
+}
+
+/// The connection itself failed (not the query, not a busy or saturated
+/// database): another connection may well succeed.
+pub fn broken(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // connection exceptions (08…); terminated by an administrator,
+            // crash or restart (57P01-57P03)
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")
+        }
+        _ => false,
+    }
+}
+
+/// Wrap a query error, remembering a broken connection.
+pub fn observe(e: sqlx::Error) -> StoreError {
+    if broken(&e) {
+        broke();
+    }
+    StoreError::Query(e)
+}
+
+/// A connection for a write: with `ping`, proven alive just before use, so a
+/// write only fails on a connection that broke while it ran.
+pub async fn write_conn<DB: Database>(
+    pool: &Pool<DB>,
+    ping: bool,
+) -> Result<PoolConnection<DB>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    if !ping {
+        return Ok(conn);
+    }
+    match conn.ping().await {
+        Ok(()) => Ok(conn),
+        Err(e) => {
+            // Nothing was sent yet: safe to try another connection, which the
+            // pool pings itself now that older connections are suspect.
+            broke();
+            tracing::info!(error = %e, "discarding a broken database connection");
+            conn.close_on_drop();
+            drop(conn);
+            pool.acquire().await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn ping(age_ms: u64, idle_ms: u64, last_broken_ns: u64, now_ns: u64) -> bool {
+        should_ping_at(
+            Duration::from_millis(age_ms),
+            Duration::from_millis(idle_ms),
+            last_broken_ns,
+            now_ns,
+        )
+    }
+
+    #[test]
+    fn busy_healthy_connections_are_not_pinged() {
+        assert!(!ping(60_000, 0, 0, 100_000 * MS));
+        assert!(!ping(60_000, 999, 0, 100_000 * MS));
+    }
+
+    #[test]
+    fn idle_connections_are_pinged() {
+        assert!(ping(60_000, 1_001, 0, 100_000 * MS));
+    }
+
+    #[test]
+    fn connections_older_than_a_recent_failure_are_pinged() {
+        let now = 100_000 * MS;
+        let broke = now - 500 * MS;
+        assert!(ping(600, 0, broke, now), "opened before the failure");
+        assert!(!ping(400, 0, broke, now), "opened after the failure");
+        let long_ago = now - 31_000 * MS;
+        assert!(!ping(60_000, 0, long_ago, now), "the window has passed");
+    }
+
+    #[test]
+    fn broken_is_the_connection_not_the_query() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert!(broken(&io));
+        assert!(!broken(&sqlx::Error::PoolTimedOut));
+        assert!(!broken(&sqlx::Error::RowNotFound));
+    }
+}

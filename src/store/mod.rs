@@ -1,0 +1,251 @@
+//! Storage: one typed pool per backend (PostgreSQL or SQLite, by URL scheme),
+//! and the migrations embedded in the binary.
+//!
+//! Runtime queries only (`sqlx::query`), no macros (DESIGN §6). Schema state
+//! is read from sqlx's `_sqlx_migrations` table and compared with the
+//! embedded list, so `serve` can refuse a database that is behind (run
+//! `notesd migrate`) or ahead (a newer binary migrated it) of this binary.
+
+pub mod health;
+pub mod migrate;
+pub mod notes;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::config::{Backend, DatabaseConfig};
+
+pub use migrate::{SchemaState, schema_state};
+
+/// SQLite writers from several worker processes wait this long for the lock.
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid database.url: {0}")]
+    Url(String),
+    #[error("cannot connect to the database ({target}): {source}")]
+    Connect { target: String, source: sqlx::Error },
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Schema(String),
+    #[error("migration lock {path}: {source}")]
+    Lock {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Database unavailable (as opposed to a bad query): maps to 503.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Connect { .. } | StoreError::Timeout(_) => true,
+            StoreError::Query(e) => unavailable(e),
+            _ => false,
+        }
+    }
+}
+
+/// Errors that say "the database cannot serve now", not "this query is wrong".
+fn unavailable(e: &sqlx::Error) -> bool {
+    if health::broken(e) {
+        return true;
+    }
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match code.as_ref() {
+                // PostgreSQL: too many connections (53300, 53400), the database
+                // not accepting connections (55000, raised at connect).
+                "53300" | "53400" | "55000" => true,
+                // SQLite: SQLITE_BUSY / SQLITE_LOCKED (any extended code) after busy_timeout.
+                c => c.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6)),
+            }
+        }
+        _ => false,
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Store {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Who is connecting: workers never create the SQLite file; `migrate` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Serve,
+    Migrate,
+}
+
+/// The URL without its password, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl Store {
+    pub async fn connect(
+        cfg: &DatabaseConfig,
+        purpose: Purpose,
+        acquire_timeout: Duration,
+    ) -> Result<Store, StoreError> {
+        let backend = Backend::from_url(&cfg.url).map_err(StoreError::Url)?;
+        let target = redact(&cfg.url);
+        let connect_err = |source| StoreError::Connect {
+            target: target.clone(),
+            source,
+        };
+        // Migrate: one connection holds the migration lock, one runs the migrations.
+        let max = if purpose == Purpose::Migrate {
+            2
+        } else {
+            cfg.max_connections
+        };
+        match backend {
+            Backend::Postgres => {
+                let opts = PgConnectOptions::from_str(&cfg.url)
+                    .map_err(|e| StoreError::Url(e.to_string()))?
+                    .application_name("notesd");
+                let pool = PgPoolOptions::new()
+                    .max_connections(max)
+                    .min_connections(0)
+                    .acquire_timeout(acquire_timeout)
+                    // No ping before every acquire (it doubled the round trips per
+                    // request): only idle or suspect connections (see `health`).
+                    .test_before_acquire(false)
+                    .before_acquire(|conn, meta| {
+                        Box::pin(async move {
+                            if health::should_ping(&meta) {
+                                conn.ping().await.inspect_err(|_| health::broke())?;
+                            }
+                            Ok(true)
+                        })
+                    })
+                    .idle_timeout(Duration::from_secs(600))
+                    .connect_with(opts)
+                    .await
+                    .map_err(connect_err)?;
+                Ok(Store::Postgres(pool))
+            }
+            Backend::Sqlite => {
+                let opts = SqliteConnectOptions::from_str(&cfg.url)
+                    .map_err(|e| StoreError::Url(e.to_string()))?
+                    .create_if_missing(purpose == Purpose::Migrate)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                    .foreign_keys(true);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(max)
+                    .acquire_timeout(acquire_timeout)
+                    // In-process: a SQLite connection does not break while idle.
+                    .test_before_acquire(false)
+                    .connect_with(opts)
+                    .await
+                    .map_err(connect_err)?;
+                Ok(Store::Sqlite(pool))
+            }
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Store::Postgres(_) => Backend::Postgres,
+            Store::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// `SELECT 1` within `deadline` (for /readyz).
+    pub async fn ping(&self, deadline: Duration) -> Result<(), StoreError> {
+        match tokio::time::timeout(deadline, self.select_one()).await {
+            Ok(r) => r,
+            Err(_) => {
+                // No answer at all: the connection may hang for good.
+                health::broke();
+                Err(StoreError::Timeout(deadline))
+            }
+        }
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Store::Postgres(p) => p.close().await,
+            Store::Sqlite(p) => p.close().await,
+        }
+    }
+
+    /// Close the pool, but never hang a stopping worker on it.
+    pub async fn close_bounded(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.close()).await;
+    }
+
+    /// Insert `Note 1` … `Note N` in one statement (one transaction).
+    pub async fn seed(&self, count: u32) -> Result<u64, StoreError> {
+        let n = i64::from(count);
+        let done = match self {
+            Store::Postgres(p) => sqlx::query(
+                "INSERT INTO notes (title, body) \
+                 SELECT 'Note ' || g, 'Sample note ' || g FROM generate_series(1, $1::bigint) AS g",
+            )
+            .bind(n)
+            .execute(p)
+            .await?
+            .rows_affected(),
+            Store::Sqlite(p) => sqlx::query(
+                "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < $1) \
+                 INSERT INTO notes (title, body) SELECT 'Note ' || i, 'Sample note ' || i FROM seq",
+            )
+            .bind(n)
+            .execute(p)
+            .await?
+            .rows_affected(),
+        };
+        Ok(done)
+    }
+
+    /// Refuse a schema this binary cannot serve: behind (run migrate) or ahead.
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        match schema_state(self).await? {
+            SchemaState::Current => Ok(()),
+            state => Err(StoreError::Schema(state.problem())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://u:secret@db:5432/x"),
+            "postgres://u:***@db:5432/x"
+        );
+        assert_eq!(redact("postgres://u@db/x"), "postgres://u@db/x");
+        assert_eq!(redact("sqlite:./var/a.db"), "sqlite:./var/a.db");
+    }
+}

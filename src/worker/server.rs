@@ -1,0 +1,357 @@
+//! Accept loop, one hyper HTTP/1.1 connection per task, graceful drain.
+//!
+//! Drain (SIGTERM, master gone): stop accepting; every response from then on
+//! carries `Connection: close`, so each connection ends after the request it
+//! is serving or the next one that arrives; idle ones end at `keepalive`.
+//! The worker exits when the last connection is gone, or at `graceful_timeout`.
+
+use std::convert::Infallible;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::body::{Body as _, Incoming};
+use hyper::header::{CONNECTION, HeaderName, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::Notify;
+
+use super::Channel;
+use super::lifecycle::{Lifecycle, Stop};
+use crate::clock;
+use crate::config::Config;
+use crate::http::{self, ApiError, AppState, Body};
+use crate::ipc::ToMaster;
+use crate::scoreboard::{Slot, WorkerPhase};
+use crate::store::Store;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Seconds a client has to send its request head when `keepalive = 0`.
+const HEAD_TIMEOUT_WITHOUT_KEEPALIVE: u64 = 5;
+
+/// Everything a request needs, shared by all connections of this worker.
+pub struct Shared {
+    pub app: AppState,
+    pub config: Arc<Config>,
+    pub slot: Slot,
+    pub channel: Channel,
+    pid: u32,
+    draining: AtomicBool,
+    /// Retire after this many requests (0 = never).
+    retire_at: u64,
+    retire_sent: AtomicBool,
+    next_token: AtomicU64,
+    connections: AtomicUsize,
+    idle: Notify,
+    in_flight: InFlight,
+}
+
+/// Removes a request from the in-flight set when it ends, however it ends.
+struct InFlightGuard<'a> {
+    shared: &'a Shared,
+    token: u64,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.in_flight.end(&self.shared.slot, self.token);
+        self.shared.slot.request_finished();
+    }
+}
+
+/// A request being served, as the scoreboard shows it.
+struct InFlightRequest {
+    method: hyper::Method,
+    path: String,
+    id: String,
+    started_ns: u64,
+}
+
+/// The requests in flight on this worker. The scoreboard slot shows the
+/// **oldest** one: when the master kills a stuck worker, that is the request
+/// it names (a newer request finishing must not hide an older one still running).
+#[derive(Default)]
+struct InFlight(std::sync::Mutex<std::collections::BTreeMap<u64, InFlightRequest>>);
+
+impl InFlight {
+    fn publish(slot: &Slot, token: u64, r: &InFlightRequest) {
+        slot.begin_request(token, r.method.as_str(), &r.path, &r.id, r.started_ns);
+    }
+
+    fn begin(&self, slot: &Slot, token: u64, r: InFlightRequest) {
+        let Ok(mut map) = self.0.lock() else { return };
+        if map.is_empty() {
+            Self::publish(slot, token, &r);
+        }
+        map.insert(token, r);
+    }
+
+    fn end(&self, slot: &Slot, token: u64) {
+        let Ok(mut map) = self.0.lock() else { return };
+        let was_oldest = map.first_key_value().is_some_and(|(t, _)| *t == token);
+        map.remove(&token);
+        if was_oldest {
+            match map.first_key_value() {
+                Some((t, r)) => Self::publish(slot, *t, r),
+                None => slot.end_request(token),
+            }
+        }
+    }
+}
+
+impl Shared {
+    pub fn new(config: Arc<Config>, store: Store, slot: Slot, channel: Channel) -> Shared {
+        let pid = std::process::id();
+        let s = &config.server;
+        let retire_at = if s.max_requests == 0 {
+            0
+        } else {
+            s.max_requests + jitter(pid, s.max_requests_jitter)
+        };
+        Shared {
+            app: AppState {
+                store,
+                slot: slot.clone(),
+                max_body_bytes: config.http.max_body_bytes,
+                debug_routes: std::env::var("NOTESD_DEBUG_ROUTES").is_ok_and(|v| v == "1"),
+            },
+            config,
+            slot,
+            channel,
+            pid,
+            draining: AtomicBool::new(false),
+            retire_at,
+            retire_sent: AtomicBool::new(false),
+            next_token: AtomicU64::new(0),
+            connections: AtomicUsize::new(0),
+            idle: Notify::new(),
+            in_flight: InFlight::default(),
+        }
+    }
+}
+
+/// A per-worker random 0..=jitter (no RNG crate needed: pid and clock suffice).
+fn jitter(pid: u32, jitter: u64) -> u64 {
+    if jitter == 0 {
+        return 0;
+    }
+    let mut x = clock::now_ns() ^ (u64::from(pid) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x % (jitter + 1)
+}
+
+pub enum Listener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+pub fn adopt_listeners(fds: Vec<(bool, OwnedFd)>) -> std::io::Result<Vec<Listener>> {
+    fds.into_iter()
+        .map(|(unix, fd)| {
+            if unix {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                Ok(Listener::Unix(tokio::net::UnixListener::from_std(l)?))
+            } else {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                Ok(Listener::Tcp(tokio::net::TcpListener::from_std(l)?))
+            }
+        })
+        .collect()
+}
+
+/// Serve until told to stop; returns why.
+pub async fn run(shared: Arc<Shared>, listeners: Vec<Listener>, life: Lifecycle) -> Stop {
+    let mut builder = http1::Builder::new();
+    let keepalive = shared.config.server.keepalive;
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive(keepalive > 0)
+        // Also the idle keep-alive lifetime: hyper starts it when it waits for a
+        // request head. Without keep-alive it only bounds the first head (slowloris).
+        .header_read_timeout(Duration::from_secs(if keepalive > 0 {
+            keepalive
+        } else {
+            HEAD_TIMEOUT_WITHOUT_KEEPALIVE
+        }))
+        .max_header_size(shared.config.http.max_header_bytes as usize)
+        .max_buf_size((shared.config.http.max_header_bytes as usize).max(8192) + 8192);
+    let builder = Arc::new(builder);
+    let mut accepts = tokio::task::JoinSet::new();
+    for l in listeners {
+        accepts.spawn(accept_loop(l, shared.clone(), builder.clone()));
+    }
+    let why = life.stopped().await;
+    accepts.abort_all();
+    shared.draining.store(true, Ordering::Release);
+    shared.slot.set_phase(WorkerPhase::Draining);
+    if why == Stop::Now {
+        return why;
+    }
+    let grace = shared.config.graceful_timeout();
+    let open = shared.connections.load(Ordering::Acquire);
+    tracing::info!(?why, connections = open, "draining");
+    let drained = tokio::time::timeout(grace, async {
+        loop {
+            let idle = shared.idle.notified();
+            if shared.connections.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    });
+    tokio::select! {
+        r = drained => if r.is_err() {
+            tracing::warn!(
+                connections = shared.connections.load(Ordering::Acquire),
+                "graceful_timeout reached with connections still open; closing them"
+            );
+        },
+        _ = life.stopped_now() => {}
+    }
+    why
+}
+
+async fn accept_loop(l: Listener, shared: Arc<Shared>, builder: Arc<http1::Builder>) {
+    loop {
+        let accepted = match &l {
+            Listener::Unix(u) => u.accept().await.map(|(s, _)| Conn::Unix(s)),
+            Listener::Tcp(t) => t.accept().await.map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+        };
+        match accepted {
+            Ok(Conn::Unix(s)) => spawn_conn(TokioIo::new(s), &shared, &builder),
+            Ok(Conn::Tcp(s)) => spawn_conn(TokioIo::new(s), &shared, &builder),
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+enum Conn {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+fn spawn_conn<I>(io: I, shared: &Arc<Shared>, builder: &Arc<http1::Builder>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let shared = shared.clone();
+    let builder = builder.clone();
+    shared.connections.fetch_add(1, Ordering::AcqRel);
+    shared.slot.connection_opened();
+    tokio::spawn(async move {
+        let svc_shared = shared.clone();
+        let service = service_fn(move |req| {
+            let shared = svc_shared.clone();
+            async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+        });
+        // No graceful_shutdown() on drain: hyper would close a connection it
+        // thinks idle even with a request already in its socket buffer, and
+        // nginx never replays that request if it is a POST (502). Instead a
+        // draining worker answers with `Connection: close` (see `handle`) and
+        // idle connections end at `keepalive`, after nginx's shorter upstream
+        // keepalive_timeout has closed them from its side. `run` bounds it
+        // all by graceful_timeout; Stop::Now ends the runtime outright.
+        let result = builder.serve_connection(io, service).await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        shared.slot.connection_closed();
+        if shared.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            shared.idle.notify_waiters();
+        }
+    });
+}
+
+/// One request: id, scoreboard, timeout, routing, counters, access log.
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let token = shared.next_token.fetch_add(1, Ordering::Relaxed) + 1;
+    let pid = shared.pid;
+    let request_id = http::request_id(req.headers().get(&X_REQUEST_ID), || {
+        format!("{pid:x}-{token:x}")
+    });
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let route = http::route_index(&path);
+    shared.in_flight.begin(
+        &shared.slot,
+        token,
+        InFlightRequest {
+            method: method.clone(),
+            path: path.clone(),
+            id: request_id.clone(),
+            started_ns: clock::now_ns(),
+        },
+    );
+    shared.slot.request_started();
+    // Ends the request in the scoreboard even if hyper drops this future
+    // (the client went away mid-request).
+    let in_flight = InFlightGuard { shared, token };
+    let limit = shared.config.http.request_timeout;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(limit);
+    let mut resp =
+        match tokio::time::timeout_at(deadline, http::route(&shared.app, req, deadline)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => e.into_response(),
+            Err(_) => ApiError::Timeout(limit).into_response(),
+        };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
+    }
+    if shared.draining.load(Ordering::Acquire) {
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    drop(in_flight);
+    shared
+        .slot
+        .record(route, resp.status().as_u16(), started.elapsed());
+    let served = shared.slot.count_request();
+    if shared.retire_at > 0
+        && served >= shared.retire_at
+        && !shared.retire_sent.swap(true, Ordering::AcqRel)
+    {
+        shared.channel.send(&ToMaster::Retire { requests: served });
+    }
+    if shared.config.log.access_log {
+        tracing::info!(
+            target: "access",
+            method = %method,
+            path = %path,
+            status = resp.status().as_u16(),
+            bytes = resp.body().size_hint().exact().unwrap_or(0),
+            duration_ms = format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0),
+            pid,
+            request_id = %request_id,
+        );
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_range() {
+        for pid in 1..200 {
+            assert!(jitter(pid, 10) <= 10);
+        }
+        assert_eq!(jitter(5, 0), 0);
+    }
+}
