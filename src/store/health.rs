@@ -18,9 +18,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sqlx::pool::{PoolConnection, PoolConnectionMetadata};
-use sqlx::{Connection, Database, Pool};
-
 use super::StoreError;
 use crate::clock;
 
@@ -37,11 +34,11 @@ pub fn broke() {
     LAST_BROKEN_NS.store(clock::now_ns().max(1), Ordering::Relaxed);
 }
 
-/// The pool's `before_acquire` rule: ping this idle connection first?
-pub fn should_ping(meta: &PoolConnectionMetadata) -> bool {
+/// Ping this idle connection before use?
+pub fn should_ping(age: Duration, idle_for: Duration) -> bool {
     should_ping_at(
-        meta.age,
-        meta.idle_for,
+        age,
+        idle_for,
         LAST_BROKEN_NS.load(Ordering::Relaxed),
         clock::now_ns(),
     )
@@ -79,30 +76,6 @@ pub fn observe(e: sqlx::Error) -> StoreError {
         broke();
     }
     StoreError::Query(e)
-}
-
-/// A connection for a write: with `ping`, proven alive just before use, so a
-/// write only fails on a connection that broke while it ran.
-pub async fn write_conn<DB: Database>(
-    pool: &Pool<DB>,
-    ping: bool,
-) -> Result<PoolConnection<DB>, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    if !ping {
-        return Ok(conn);
-    }
-    match conn.ping().await {
-        Ok(()) => Ok(conn),
-        Err(e) => {
-            // Nothing was sent yet: safe to try another connection, which the
-            // pool pings itself now that older connections are suspect.
-            broke();
-            tracing::info!(error = %e, "discarding a broken database connection");
-            conn.close_on_drop();
-            drop(conn);
-            pool.acquire().await
-        }
-    }
 }
 
 #[cfg(test)]

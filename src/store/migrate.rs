@@ -96,28 +96,46 @@ pub async fn applied(store: &Store) -> Result<Vec<(i64, bool, String)>, StoreErr
     let list_sql = "SELECT version, success, description FROM _sqlx_migrations ORDER BY version";
     let rows = match store {
         Store::Postgres(p) => {
-            let exists: bool = sqlx::query(exists_sql).fetch_one(p).await?.try_get(0)?;
-            if !exists {
-                return Ok(Vec::new());
+            let mut c = p.acquire().await?;
+            let r = async {
+                let exists: bool = sqlx::query(exists_sql)
+                    .fetch_one(&mut *c)
+                    .await?
+                    .try_get(0)?;
+                if !exists {
+                    return Ok(Vec::new());
+                }
+                sqlx::query(list_sql)
+                    .fetch_all(&mut *c)
+                    .await?
+                    .iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
             }
-            sqlx::query(list_sql)
-                .fetch_all(p)
-                .await?
-                .iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                .collect::<Result<Vec<_>, sqlx::Error>>()?
+            .await;
+            c.finish(&r);
+            r?
         }
         Store::Sqlite(p) => {
-            let exists: bool = sqlx::query(exists_sql).fetch_one(p).await?.try_get(0)?;
-            if !exists {
-                return Ok(Vec::new());
+            let mut c = p.acquire().await?;
+            let r = async {
+                let exists: bool = sqlx::query(exists_sql)
+                    .fetch_one(&mut *c)
+                    .await?
+                    .try_get(0)?;
+                if !exists {
+                    return Ok(Vec::new());
+                }
+                sqlx::query(list_sql)
+                    .fetch_all(&mut *c)
+                    .await?
+                    .iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
             }
-            sqlx::query(list_sql)
-                .fetch_all(p)
-                .await?
-                .iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                .collect::<Result<Vec<_>, sqlx::Error>>()?
+            .await;
+            c.finish(&r);
+            r?
         }
     };
     Ok(rows)
@@ -198,8 +216,8 @@ async fn apply(store: &Store) -> Result<Vec<i64>, StoreError> {
     let before: Vec<i64> = rows.iter().map(|r| r.0).collect();
     let migrator = migrator(store.backend());
     match store {
-        Store::Postgres(p) => migrator.run(p).await?,
-        Store::Sqlite(p) => migrator.run(p).await?,
+        Store::Postgres(p) => migrator.run(&mut *p.acquire().await?).await?,
+        Store::Sqlite(p) => migrator.run(&mut *p.acquire().await?).await?,
     }
     let after: Vec<i64> = applied(store).await?.iter().map(|r| r.0).collect();
     Ok(after.into_iter().filter(|v| !before.contains(v)).collect())

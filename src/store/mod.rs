@@ -9,19 +9,21 @@
 pub mod health;
 pub mod migrate;
 pub mod notes;
+pub mod pool;
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 
 use crate::config::{Backend, DatabaseConfig};
 
 pub use migrate::{SchemaState, schema_state};
+pub use pool::{Conn, Pool, PoolOptions};
+
+pub type PgPool = Pool<PgConnection>;
+pub type SqlitePool = Pool<SqliteConnection>;
 
 /// SQLite writers from several worker processes wait this long for the lock.
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -129,25 +131,17 @@ impl Store {
                 let opts = PgConnectOptions::from_str(&cfg.url)
                     .map_err(|e| StoreError::Url(e.to_string()))?
                     .application_name("notesd");
-                let pool = PgPoolOptions::new()
-                    .max_connections(max)
-                    .min_connections(0)
-                    .acquire_timeout(acquire_timeout)
-                    // No ping before every acquire (it doubled the round trips per
-                    // request): only idle or suspect connections (see `health`).
-                    .test_before_acquire(false)
-                    .before_acquire(|conn, meta| {
-                        Box::pin(async move {
-                            if health::should_ping(&meta) {
-                                conn.ping().await.inspect_err(|_| health::broke())?;
-                            }
-                            Ok(true)
-                        })
-                    })
-                    .idle_timeout(Duration::from_secs(600))
-                    .connect_with(opts)
-                    .await
-                    .map_err(connect_err)?;
+                let pool = PgPool::connect(
+                    opts,
+                    PoolOptions {
+                        max_connections: max,
+                        acquire_timeout,
+                        idle_timeout: Duration::from_secs(600),
+                        check: true,
+                    },
+                )
+                .await
+                .map_err(connect_err)?;
                 Ok(Store::Postgres(pool))
             }
             Backend::Sqlite => {
@@ -158,14 +152,18 @@ impl Store {
                     .synchronous(SqliteSynchronous::Full)
                     .busy_timeout(SQLITE_BUSY_TIMEOUT)
                     .foreign_keys(true);
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(max)
-                    .acquire_timeout(acquire_timeout)
-                    // In-process: a SQLite connection does not break while idle.
-                    .test_before_acquire(false)
-                    .connect_with(opts)
-                    .await
-                    .map_err(connect_err)?;
+                let pool = SqlitePool::connect(
+                    opts,
+                    PoolOptions {
+                        max_connections: max,
+                        acquire_timeout,
+                        idle_timeout: Duration::from_secs(600),
+                        // In-process: a SQLite connection does not break while idle.
+                        check: false,
+                    },
+                )
+                .await
+                .map_err(connect_err)?;
                 Ok(Store::Sqlite(pool))
             }
         }
@@ -211,7 +209,7 @@ impl Store {
                  SELECT 'Note ' || g, 'Sample note ' || g FROM generate_series(1, $1::bigint) AS g",
             )
             .bind(n)
-            .execute(p)
+            .execute(&mut *p.acquire_live().await?)
             .await?
             .rows_affected(),
             Store::Sqlite(p) => sqlx::query(
@@ -219,7 +217,7 @@ impl Store {
                  INSERT INTO notes (title, body) SELECT 'Note ' || i, 'Sample note ' || i FROM seq",
             )
             .bind(n)
-            .execute(p)
+            .execute(&mut *p.acquire_live().await?)
             .await?
             .rows_affected(),
         };

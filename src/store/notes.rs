@@ -100,36 +100,18 @@ const LITE: Sql = Sql {
     count: "SELECT count(*) FROM notes",
 };
 
-/// Run `$body` with `$pool` bound to the executor, `$sql` to the backend's
-/// SQL set and `note` to its row decoder; errors that `?` raises in `$body`
-/// are `sqlx::Error`s, and come out as [`StoreError`]s.
+/// Run `$body` with `$conn` bound to a pooled connection, `$sql` to the
+/// backend's SQL set and `note` to its row decoder; errors that `?` raises in
+/// `$body` are `sqlx::Error`s, and come out as [`StoreError`]s.
 ///
-/// `read`: `$pool` is the pool; retried once when its connection broke.
-/// `write`: `$pool` is a connection, pinged first on PostgreSQL; never retried
+/// `read`: retried once, on another connection, when its connection broke.
+/// `write`: the connection is pinged first on PostgreSQL; never retried
 /// (see [`health`]).
-macro_rules! with_pool {
-    (read $store:expr, |$pool:ident, $sql:ident, $note:ident| $body:expr) => {{
+macro_rules! with_conn {
+    (read $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {{
         let mut retried = false;
         loop {
-            let r: Result<_, sqlx::Error> = match $store {
-                Store::Postgres($pool) => {
-                    async {
-                        #[allow(unused_variables)]
-                        let ($sql, $note) = (&PG, note::<sqlx::postgres::PgRow, PgTimestamp>);
-                        Ok($body)
-                    }
-                    .await
-                }
-                Store::Sqlite($pool) => {
-                    async {
-                        #[allow(unused_variables)]
-                        let ($sql, $note) = (&LITE, note::<sqlx::sqlite::SqliteRow, LiteTimestamp>);
-                        Ok($body)
-                    }
-                    .await
-                }
-            };
-            match r {
+            match with_conn!(@run acquire, $store, |$conn, $sql, $note| $body) {
                 Err(e) if !retried && health::broken(&e) => {
                     tracing::info!(error = %e, "database connection broke; retrying the read");
                     health::broke();
@@ -139,31 +121,36 @@ macro_rules! with_pool {
             }
         }
     }};
-    (write $store:expr, |$pool:ident, $sql:ident, $note:ident| $body:expr) => {{
-        let r: Result<_, sqlx::Error> = match $store {
+    (write $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
+        with_conn!(@run acquire_live, $store, |$conn, $sql, $note| $body).map_err(health::observe)
+    };
+    (@run $acquire:ident, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
+        match $store {
             Store::Postgres(pool) => {
-                async {
-                    #[allow(unused_variables)]
-                    let ($sql, $note) = (&PG, note::<sqlx::postgres::PgRow, PgTimestamp>);
-                    let mut conn = health::write_conn(pool, true).await?;
-                    let $pool = &mut *conn;
-                    Ok($body)
-                }
-                .await
+                with_conn!(@on pool.$acquire(), &PG, note::<sqlx::postgres::PgRow, PgTimestamp>,
+                    |$conn, $sql, $note| $body)
             }
             Store::Sqlite(pool) => {
-                async {
-                    #[allow(unused_variables)]
-                    let ($sql, $note) = (&LITE, note::<sqlx::sqlite::SqliteRow, LiteTimestamp>);
-                    let mut conn = health::write_conn(pool, false).await?;
-                    let $pool = &mut *conn;
-                    Ok($body)
-                }
-                .await
+                with_conn!(@on pool.$acquire(), &LITE, note::<sqlx::sqlite::SqliteRow, LiteTimestamp>,
+                    |$conn, $sql, $note| $body)
             }
-        };
-        r.map_err(health::observe)
-    }};
+        }
+    };
+    (@on $acquire:expr, $sql_set:expr, $decoder:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
+        async {
+            let mut pooled = $acquire.await?;
+            let r: Result<_, sqlx::Error> = async {
+                let $conn = &mut *pooled;
+                #[allow(unused_variables)]
+                let ($sql, $note) = ($sql_set, $decoder);
+                Ok($body)
+            }
+            .await;
+            pooled.finish(&r);
+            r
+        }
+        .await
+    };
 }
 
 fn note<'r, R, Ts>(r: &'r R) -> Result<Note, sqlx::Error>
@@ -253,7 +240,7 @@ impl Store {
     /// Newest first; `before` = id cursor; `limit` already validated (1..=200).
     pub async fn list_notes(&self, limit: i64, before: Option<i64>) -> Result<Page, StoreError> {
         let fetch = limit + 1;
-        let mut notes = with_pool!(read self, |p, sql, note| {
+        let mut notes = with_conn!(read self, |p, sql, note| {
             let rows = match before {
                 Some(b) => {
                     sqlx::query(sql.list_before)
@@ -272,7 +259,7 @@ impl Store {
     }
 
     pub async fn get_note(&self, id: i64) -> Result<Option<Note>, StoreError> {
-        with_pool!(read self, |p, sql, note| {
+        with_conn!(read self, |p, sql, note| {
             let row = sqlx::query(sql.get).bind(id).fetch_optional(p).await?;
             row.as_ref().map(note).transpose()?
         })
@@ -280,7 +267,7 @@ impl Store {
 
     /// Insert and commit; returns the new id.
     pub async fn create_note(&self, n: &NewNote) -> Result<i64, StoreError> {
-        with_pool!(write self, |p, sql, note| {
+        with_conn!(write self, |p, sql, note| {
             sqlx::query(sql.insert)
                 .bind(n.title.as_str())
                 .bind(n.body.as_deref())
@@ -292,7 +279,7 @@ impl Store {
 
     /// Replace title and body; `None` when the note does not exist.
     pub async fn put_note(&self, id: i64, n: &NewNote) -> Result<Option<Note>, StoreError> {
-        with_pool!(write self, |p, sql, note| {
+        with_conn!(write self, |p, sql, note| {
             let row = sqlx::query(sql.put)
                 .bind(id)
                 .bind(n.title.as_str())
@@ -307,7 +294,7 @@ impl Store {
         let title = patch.title.as_ref().map(|t| t.as_str());
         let set_body = patch.body.is_some();
         let body = patch.body.clone().flatten();
-        with_pool!(write self, |p, sql, note| {
+        with_conn!(write self, |p, sql, note| {
             let row = sqlx::query(sql.patch)
                 .bind(id)
                 .bind(title)
@@ -321,7 +308,7 @@ impl Store {
 
     /// `true` when a note was deleted.
     pub async fn delete_note(&self, id: i64) -> Result<bool, StoreError> {
-        with_pool!(write self, |p, sql, note| {
+        with_conn!(write self, |p, sql, note| {
             sqlx::query(sql.delete)
                 .bind(id)
                 .execute(p)
@@ -333,13 +320,13 @@ impl Store {
 
     /// `SELECT 1` (readiness).
     pub(super) async fn select_one(&self) -> Result<(), StoreError> {
-        with_pool!(read self, |p, sql, note| {
+        with_conn!(read self, |p, sql, note| {
             sqlx::query("SELECT 1").execute(p).await.map(|_| ())?
         })
     }
 
     pub async fn count_notes(&self) -> Result<i64, StoreError> {
-        with_pool!(read self, |p, sql, note| {
+        with_conn!(read self, |p, sql, note| {
             sqlx::query(sql.count)
                 .fetch_one(p)
                 .await?
