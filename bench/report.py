@@ -47,6 +47,18 @@ for ep in ("GET /healthz", "GET /api/notes", "POST /api/notes"):
     p, n, k = val(peer, ep), val(nd, ep), val(ka, ep)
     print(f"{ep:<22} {p or '-':>11} {n or '-':>9} {ratio(n, p):>7} {k or '-':>10} {ratio(k, p):>7}   "
           f"{val(peer, ep, 'p99')} / {val(nd, ep, 'p99')} / {val(ka, ep, 'p99')}")
+nocache = os.path.join(out, "nocache.wrk.txt")
+if os.path.exists(nocache):
+    stats = re.search(r"^PEERSTATS.*", open(nocache).read(), re.M)
+    if stats:
+        f = dict(kv.split("=", 1) for kv in stats.group(0).split()[1:] if "=" in kv)
+        p = val(peer, "GET /api/notes")
+        try:
+            rps = float(f["rps"])
+            print(f"{'GET /api/notes, no cache':<22} {p or '-':>11} {'':>9} {'':>7} {round(rps):>10} {ratio(rps, p):>7}   "
+                  f"p99 {f.get('p99_ms', '?')} ms (http.list_cache_ms = 0)")
+        except (KeyError, ValueError):
+            pass
 static = val(ka, "nginx-static GET /healthz") or val(nd, "nginx-static GET /healthz")
 print(f"{'nginx static':<22} {static or '-':>11}")
 print()

@@ -10,11 +10,13 @@
 #   4. the peer's bench.sh against notesd              (the very same nginx config)
 #   5. the peer's bench.sh against notesd, with nginx upstream keepalive (conf/nginx/notesd.conf style)
 #   6. oha --unix-socket straight at notesd (no nginx)
+#   6b. GET /api/notes again with the list cache off (http.list_cache_ms = 0), both ways
 #   7. HUPS reloads 1 s apart under load, against a same-length baseline
 #   8. idle master CPU over 10 s
 # and prints one table of ratios (notesd / peer) with the targets of issue 5.
 #
 # env: CONNS=64  REPEAT=1  WORKERS=0 (notesd workers, 0 = 2 x cores + 1)  HUPS=20
+#      LIST_CACHE_MS=250 (http.list_cache_ms of the main runs)
 #      SKIP_PEER=1 (reuse nothing, just skip the peer rows)  OUT=dir (default target/bench/<time>)
 # Needs the machine quiet: a concurrent cargo build halves every number (the peer's scripts
 # wait for an idle machine and print other% so a noisy run shows).
@@ -70,15 +72,17 @@ timeout = 30
 [database]
 url = "postgres://postgres@127.0.0.1:5432/$DB"
 max_connections = 4
+[http]
+list_cache_ms = ${LIST_CACHE_MS:-250}
 [log]
 # the peer logs no access lines either (PEER_ACCESSLOG off): same work on both sides
 access_log = false
 EOF
 "$NOTESD" migrate -c "$OUT/notesd.toml" >&2
 "$NOTESD" seed -c "$OUT/notesd.toml" --count 1000 >&2
-start_notesd() {
+start_notesd() {  # [CONFIG]
   rm -f "$RUN/notesd.pid"
-  "$NOTESD" serve -c "$OUT/notesd.toml" >> "$OUT/notesd.log" 2>&1 &
+  "$NOTESD" serve -c "${1:-$OUT/notesd.toml}" >> "$OUT/notesd.log" 2>&1 &
   for _ in $(seq 1 100); do
     "$NOTESD" healthcheck --socket "$SOCK" >/dev/null 2>&1 && [[ -s $RUN/notesd.pid ]] && return 0
     sleep 0.1
@@ -139,6 +143,26 @@ if command -v oha >/dev/null; then
     oha_row "POST_/api/notes" POST /api/notes '{"title":"bench note","body":"posted by oha"}'
   } | tee "$OUT/oha.txt" >&2
 fi
+
+# ---- 6b. the list with the cache off -----------------------------------------------------------
+log "GET /api/notes with http.list_cache_ms = 0"
+stop_notesd() {
+  kill -TERM "$M"
+  for _ in $(seq 1 100); do kill -0 "$M" 2>/dev/null || return 0; sleep 0.1; done
+  die "notesd $M did not stop"
+}
+sed 's/^list_cache_ms = .*/list_cache_ms = 0/' "$OUT/notesd.toml" > "$OUT/notesd-nocache.toml"
+stop_notesd; start_notesd "$OUT/notesd-nocache.toml"; M=$(cat "$RUN/notesd.pid")
+(
+  source "$KA_DIR/lib.sh"
+  nginx_start "$SOCK" >&2
+  run_wrk "$CONNS" "$DUR" "http://127.0.0.1:$NGINX_PROXY_PORT/api/notes" > "$OUT/nocache.wrk.txt" 2>&1 || true
+  nginx_stop >&2
+)
+if command -v oha >/dev/null; then
+  oha_row "GET_/api/notes_cache_off" GET /api/notes | tee -a "$OUT/oha.txt" >&2
+fi
+stop_notesd; start_notesd; M=$(cat "$RUN/notesd.pid")
 
 # ---- 7. HUPs under load ---------------------------------------------------------------------
 log "reload test: $HUPS x HUP 1 s apart under load (nginx keepalive)"

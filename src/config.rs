@@ -85,6 +85,9 @@ pub struct HttpConfig {
     pub max_body_bytes: u64,
     pub request_timeout: u64,
     pub max_header_bytes: u64,
+    /// ms a worker may serve a `GET /api/notes` page again without a write
+    /// through this server in between (0 = off; see `http::list_cache`).
+    pub list_cache_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -93,6 +96,7 @@ impl Default for HttpConfig {
             max_body_bytes: 1_048_576,
             request_timeout: 30,
             max_header_bytes: 16_384,
+            list_cache_ms: 250,
         }
     }
 }
@@ -406,6 +410,7 @@ impl Config {
         p.range("http.max_body_bytes", h.max_body_bytes, 1, 1 << 30);
         p.range("http.request_timeout", h.request_timeout, 1, 86_400);
         p.range("http.max_header_bytes", h.max_header_bytes, 1_024, 1 << 20);
+        p.range("http.list_cache_ms", h.list_cache_ms, 0, 60_000);
         let l = &self.log;
         if !matches!(l.target.as_str(), "auto" | "stderr" | "journald") {
             p.add(
@@ -670,7 +675,8 @@ mod tests {
     fn semantic_problems_are_all_listed() {
         let c = parse(
             "[server]\nbind = [\"nope\", \"unix:\"]\nsocket_mode = \"999\"\ntimeout = 0\n\
-             [database]\nurl = \"mysql://x\"\n[log]\nformat = \"xml\"\ntarget = \"file\"\n",
+             [database]\nurl = \"mysql://x\"\n[http]\nlist_cache_ms = 60001\n\
+             [log]\nformat = \"xml\"\ntarget = \"file\"\n",
         )
         .expect("types ok");
         let keys: Vec<_> = c.validate().into_iter().map(|p| p.key).collect();
@@ -679,6 +685,7 @@ mod tests {
             "server.socket_mode",
             "server.timeout",
             "database.url",
+            "http.list_cache_ms",
             "log.format",
             "log.target",
         ] {

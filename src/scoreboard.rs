@@ -39,10 +39,14 @@ use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 const MAGIC: u64 = 0x6e6f_7465_7364_5342; // "notesdSB"
 const LAYOUT_VERSION: u32 = 2;
-/// Header: magic, layout, sizes, restarts, fold seq; then the retired totals.
+/// Header: magic, layout, sizes, restarts, fold seq, write generation; then the retired totals.
 const HEADER: usize = 2048;
 const OFF_H_RESTARTS: usize = 24;
 const OFF_H_FOLD_SEQ: usize = 32;
+/// Write generation (u64): bumped by a worker after each write, see
+/// `http::list_cache`. Added within layout 2: an older master's board has it
+/// zeroed, and an older worker never bumps it.
+const OFF_H_WRITE_GEN: usize = 40;
 const OFF_H_RETIRED: usize = 64;
 const BASE_SLOT: usize = 256;
 pub const SLOT_SIZE: usize = BASE_SLOT + METRICS_BYTES;
@@ -248,6 +252,16 @@ impl Scoreboard {
     /// Master: worker deaths the master did not ask for.
     pub fn set_restarts(&self, n: u64) {
         self.u64_at(OFF_H_RESTARTS).store(n, Ordering::Relaxed);
+    }
+
+    /// The write generation (see `http::list_cache`).
+    pub fn write_generation(&self) -> u64 {
+        self.u64_at(OFF_H_WRITE_GEN).load(Ordering::SeqCst)
+    }
+
+    /// A write has finished (or was cut short): pages read before are stale.
+    pub fn bump_write_generation(&self) {
+        self.u64_at(OFF_H_WRITE_GEN).fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn restarts(&self) -> u64 {

@@ -32,6 +32,8 @@ both_backends!(
     concurrent_creates_are_all_committed,
     hostile_input_never_costs_a_worker,
     slow_requests_get_503_timeout,
+    the_list_never_lags_a_write_made_here,
+    writes_made_elsewhere_show_within_list_cache_ms,
 );
 
 /// Status of the master: (ready worker pids, restarts).
@@ -1143,4 +1145,95 @@ fn slow_requests_get_503_timeout(backend: Backend) {
     let id = server.create(&json!({"title": "after"}));
     assert_eq!(server.note(id)["title"], "after");
     assert_same_workers(&server, &pids);
+}
+
+/// The first `n` ids of `GET /api/notes`, asked on a fresh connection.
+fn head_ids(server: &impl Api, n: usize) -> Vec<i64> {
+    let resp = server.get_path("/api/notes");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    ids_of(&resp.json()).into_iter().take(n).collect()
+}
+
+/// List pages are cached per worker until the next write through any worker
+/// (`http.list_cache_ms` set far beyond the test): every write is seen by the
+/// very next list, whichever worker answers it.
+fn the_list_never_lags_a_write_made_here(backend: Backend) {
+    let Some(server) = start(backend, "cache_rw", |o| {
+        o.workers = 3;
+        o.extra_toml = "[http]\nlist_cache_ms = 60000\n".to_string();
+    }) else {
+        return;
+    };
+    let mut live: Vec<i64> = Vec::new();
+    for round in 0..12 {
+        let id = server.create(&json!({ "title": format!("n{round}") }));
+        live.insert(0, id);
+        for _ in 0..4 {
+            assert_eq!(head_ids(&server, 1), [id], "round {round}: after POST");
+        }
+        let title = format!("patched {round}");
+        let resp = server.send_json(
+            "PATCH",
+            &format!("/api/notes/{id}"),
+            &json!({ "title": title }).to_string(),
+        );
+        assert_eq!(resp.status, 200, "{resp:?}");
+        for _ in 0..4 {
+            let page = server.get_path("/api/notes").json();
+            assert_eq!(page[0]["title"], title, "round {round}: after PATCH");
+        }
+        let resp = server.send_json(
+            "PUT",
+            &format!("/api/notes/{id}"),
+            r#"{"title":"put","body":"b"}"#,
+        );
+        assert_eq!(resp.status, 200, "{resp:?}");
+        for _ in 0..4 {
+            let page = server.get_path("/api/notes").json();
+            assert_eq!(
+                (&page[0]["title"], &page[0]["body"]),
+                (&json!("put"), &json!("b")),
+                "round {round}: after PUT"
+            );
+        }
+        if round % 2 == 1 {
+            let resp = server.call("DELETE", &format!("/api/notes/{id}"), &[], None);
+            assert_eq!(resp.status, 204, "{resp:?}");
+            live.remove(0);
+            for _ in 0..4 {
+                assert_eq!(
+                    head_ids(&server, live.len()),
+                    live,
+                    "round {round}: after DELETE"
+                );
+            }
+        }
+    }
+}
+
+/// A write that does not pass through this server (here `notesd seed`, a
+/// separate process on the same database) shows within `http.list_cache_ms`.
+fn writes_made_elsewhere_show_within_list_cache_ms(backend: Backend) {
+    const TTL_MS: u64 = 400;
+    let Some(server) = start(backend, "cache_ttl", |o| {
+        o.extra_toml = format!("[http]\nlist_cache_ms = {TTL_MS}\n");
+    }) else {
+        return;
+    };
+    let id = server.create(&json!({"title": "mine"}));
+    for _ in 0..6 {
+        assert_eq!(head_ids(&server, 1), [id]);
+    }
+    server.db.seed(1);
+    let t0 = Instant::now();
+    let seen = poll_until(Duration::from_millis(TTL_MS + 1_000), || {
+        head_ids(&server, 1) != [id]
+    });
+    let took = t0.elapsed();
+    assert!(seen, "the seeded note never showed");
+    eprintln!("seeded note listed after {took:?}");
+    // Once shown, on every worker.
+    for _ in 0..6 {
+        assert_ne!(head_ids(&server, 1), [id]);
+    }
 }

@@ -32,7 +32,9 @@ use serde_json::json;
 const REQUEST_TIMEOUT: u64 = 3;
 
 fn options(o: &mut TestOptions) {
-    o.extra_toml = format!("[http]\nrequest_timeout = {REQUEST_TIMEOUT}\n");
+    // The list cache off: a page cached just before the outage would be served
+    // (correctly) for up to `list_cache_ms`; these tests watch the database path.
+    o.extra_toml = format!("[http]\nrequest_timeout = {REQUEST_TIMEOUT}\nlist_cache_ms = 0\n");
 }
 
 // ---------------------------------------------------------------------------

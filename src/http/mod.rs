@@ -2,6 +2,7 @@
 //! `Result<Response, ApiError>`; errors become JSON at [`error`]'s edge.
 
 pub mod error;
+pub mod list_cache;
 pub mod metrics;
 pub mod notes;
 
@@ -27,8 +28,27 @@ pub struct AppState {
     /// This worker's slot; `/metrics` reads the whole board through it.
     pub slot: Slot,
     pub max_body_bytes: u64,
+    /// Pages of `GET /api/notes` until the next write (`http.list_cache_ms`).
+    pub list_cache: list_cache::ListCache,
     /// Test-only routes under /debug (env NOTESD_DEBUG_ROUTES=1; never in production).
     pub debug_routes: bool,
+}
+
+impl AppState {
+    /// Call before a write reaches the store; when the guard drops (the write
+    /// finished, failed or was cut short) cached list pages are stale.
+    pub fn writing(&self) -> Writing<'_> {
+        Writing(self)
+    }
+}
+
+/// See [`AppState::writing`].
+pub struct Writing<'a>(&'a AppState);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.slot.board().bump_write_generation();
+    }
 }
 
 /// Metric route label index (see [`crate::scoreboard::ROUTES`]) for a path.
@@ -55,11 +75,22 @@ const ALLOW_NOTE: &str = "GET, HEAD, PUT, PATCH, DELETE";
 
 /// Serialize straight into the response body.
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    let bytes = match serde_json::to_vec(value) {
-        Ok(b) => b,
-        Err(_) => br#"{"error":{"code":"internal","message":"encoding failed"}}"#.to_vec(),
-    };
-    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    json_response(status, json_bytes(value))
+}
+
+/// `value` as JSON bytes (a fixed error document if it cannot be encoded).
+pub fn json_bytes<T: Serialize>(value: &T) -> Bytes {
+    match serde_json::to_vec(value) {
+        Ok(b) => Bytes::from(b),
+        Err(_) => {
+            Bytes::from_static(br#"{"error":{"code":"internal","message":"encoding failed"}}"#)
+        }
+    }
+}
+
+/// A response with a JSON body already encoded.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -8,6 +8,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::list_cache::Page;
 use super::{ApiError, AppState, Body, json};
 use crate::domain::{NewNote, Note, NotePatch};
 
@@ -63,18 +64,39 @@ pub fn parse_id(s: &str) -> Option<i64> {
 
 pub async fn list(app: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let q = ListQuery::parse(req.uri().query())?;
-    let page = app.store.list_notes(q.limit, q.before).await?;
-    let mut resp = json(StatusCode::OK, &page.notes);
-    if page.more
-        && let Some(last) = page.notes.last()
-        && let Ok(v) = HeaderValue::from_str(&format!(
+    let key = (q.limit, q.before);
+    // Read before the query: see `list_cache` on why the order matters.
+    let generation = app.slot.board().write_generation();
+    if let Some(page) = app
+        .list_cache
+        .get(key, generation, std::time::Instant::now())
+    {
+        return Ok(page_response(page));
+    }
+    let notes = app.store.list_notes(q.limit, q.before).await?;
+    let link = match notes.notes.last() {
+        Some(last) if notes.more => HeaderValue::from_str(&format!(
             "</api/notes?limit={}&before={}>; rel=\"next\"",
             q.limit, last.id
         ))
-    {
-        resp.headers_mut().insert(LINK, v);
+        .ok(),
+        _ => None,
+    };
+    let page = Page {
+        body: super::json_bytes(&notes.notes),
+        link,
+    };
+    app.list_cache
+        .put(key, generation, std::time::Instant::now(), page.clone());
+    Ok(page_response(page))
+}
+
+fn page_response(page: Page) -> Response<Body> {
+    let mut resp = super::json_response(StatusCode::OK, page.body);
+    if let Some(link) = page.link {
+        resp.headers_mut().insert(LINK, link);
     }
-    Ok(resp)
+    resp
 }
 
 pub async fn create(
@@ -84,6 +106,7 @@ pub async fn create(
 ) -> Result<Response<Body>, ApiError> {
     let value = read_json(app, req, deadline).await?;
     let note = NewNote::parse(&value)?;
+    let _writing = app.writing();
     let id = app.store.create_note(&note).await?;
     let mut resp = json(StatusCode::CREATED, &serde_json::json!({"id": id}));
     if let Ok(v) = HeaderValue::from_str(&format!("/api/notes/{id}")) {
@@ -116,6 +139,7 @@ pub async fn put(
 ) -> Result<Response<Body>, ApiError> {
     let value = read_json(app, req, deadline).await?;
     let note = NewNote::parse(&value)?;
+    let _writing = app.writing();
     found(id, app.store.put_note(id, &note).await?)
 }
 
@@ -130,12 +154,14 @@ pub async fn patch(
     let updated = if patch.is_empty() {
         app.store.get_note(id).await?
     } else {
+        let _writing = app.writing();
         app.store.patch_note(id, &patch).await?
     };
     found(id, updated)
 }
 
 pub async fn delete(app: &AppState, id: i64) -> Result<Response<Body>, ApiError> {
+    let _writing = app.writing();
     if app.store.delete_note(id).await? {
         let mut resp = Response::new(Full::new(Bytes::new()));
         *resp.status_mut() = StatusCode::NO_CONTENT;

@@ -23,6 +23,7 @@ use super::Channel;
 use super::lifecycle::{Lifecycle, Stop};
 use crate::clock;
 use crate::config::Config;
+use crate::http::list_cache::ListCache;
 use crate::http::{self, ApiError, AppState, Body};
 use crate::ipc::ToMaster;
 use crate::scoreboard::{Slot, WorkerPhase};
@@ -117,6 +118,7 @@ impl Shared {
                 store,
                 slot: slot.clone(),
                 max_body_bytes: config.http.max_body_bytes,
+                list_cache: ListCache::new(Duration::from_millis(config.http.list_cache_ms)),
                 debug_routes: std::env::var("NOTESD_DEBUG_ROUTES").is_ok_and(|v| v == "1"),
             },
             config,
