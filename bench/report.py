@@ -73,7 +73,7 @@ checks.append(("POST /api/notes >= 10x peer", c_k and c_p and c_k / c_p >= 10, r
 h_k = val(ka, "GET /healthz")
 checks.append(("GET /healthz >= 50% nginx static", h_k and static and h_k / static >= 0.5, f"{100 * h_k / static:.0f}%" if h_k and static else "-"))
 checks.append(("worker RSS <= 1/5 peer", nd_rss and peer_rss and nd_rss <= peer_rss / 5, f"{nd_rss and round(nd_rss, 1)} vs {peer_rss and round(peer_rss, 1)} MiB"))
-checks.append(("idle master < 0.1% CPU", idle < 0.1, f"{idle:.2f}%"))
+checks.append(("idle master < 0.1% CPU", idle < 0.1, f"{idle:.3f}%"))
 hup = open(os.path.join(out, "hup.txt")).read().strip() if os.path.exists(os.path.join(out, "hup.txt")) else ""
 hv = dict(kv.split("=", 1) for kv in hup.split() if "=" in kv)
 try:

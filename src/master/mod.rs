@@ -244,7 +244,11 @@ impl Edge {
                 .values()
                 .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN)),
         );
-        let ms = tick.as_millis().clamp(1, u128::from(u16::MAX)) as u16;
+        // Round up: waking a fraction of a millisecond early costs a second wake-up.
+        let ms = tick
+            .as_micros()
+            .div_ceil(1000)
+            .clamp(1, u128::from(u16::MAX)) as u16;
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(_) | Err(nix::Error::EINTR) => Ok(()),
             Err(e) => Err(MasterError::Poll(e)),
