@@ -9,6 +9,8 @@
 #   3. the peer's bench.sh against gunicorn            (tutorial nginx: no upstream keepalive)
 #   4. the peer's bench.sh against notesd              (the very same nginx config)
 #   5. the peer's bench.sh against notesd, with nginx upstream keepalive (conf/nginx/notesd.conf style)
+#   5b. the same nginx in front of a bare nginx upstream on a unix socket (answers {"ok":true}
+#       itself): the proxy hop's own ceiling, i.e. what a zero-cost upstream would get
 #   6. oha --unix-socket straight at notesd (no nginx)
 #   6b. GET /api/notes again with the list cache off (http.list_cache_ms = 0), both ways
 #   7. HUPS reloads 1 s apart under load, against a same-length baseline
@@ -127,6 +129,36 @@ open(p, "w").write(s)
 PY
 OUT_DIR="$OUT/notesd-keepalive" CONNS="$CONNS" REPEAT="$REPEAT" RESET_DB=0 TARGET_PIDFILE="$RUN/notesd.pid" \
   LABEL="notesd (nginx upstream keepalive)" "$KA_DIR/bench.sh" "$SOCK" "$DUR" >&2
+
+# ---- 5b. the proxy hop with a zero-cost upstream ------------------------------------------------
+log "proxy ceiling: the same nginx in front of a bare nginx upstream"
+UP="$OUT/bare-upstream"; mkdir -p "$UP/logs"
+cat > "$UP/nginx.conf" <<EOF
+worker_processes 1;
+pid $UP/nginx.pid;
+error_log $UP/logs/error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path $UP/body; proxy_temp_path $UP/proxy; fastcgi_temp_path $UP/fastcgi;
+    uwsgi_temp_path $UP/uwsgi; scgi_temp_path $UP/scgi;
+    server {
+        listen unix:$UP/up.sock;
+        location / { default_type application/json; return 200 '{"ok":true}'; }
+    }
+}
+EOF
+rm -f "$UP/up.sock"
+nginx -p "$UP" -c "$UP/nginx.conf"
+(
+  source "$KA_DIR/lib.sh"
+  nginx_start "$UP/up.sock" >&2
+  run_wrk "$CONNS" "$DUR" "http://127.0.0.1:$NGINX_PROXY_PORT/healthz" > "$OUT/ceiling.proxy.txt" 2>&1 || true
+  run_wrk "$CONNS" "$DUR" "http://127.0.0.1:$NGINX_STATIC_PORT/healthz" > "$OUT/ceiling.static.txt" 2>&1 || true
+  nginx_stop >&2
+)
+kill -QUIT "$(cat "$UP/nginx.pid")" 2>/dev/null || true
 
 # ---- 6. oha straight at the socket ------------------------------------------------------------
 oha_row() {  # name method path [body]
