@@ -22,7 +22,8 @@
 //! - [`worker`]: runtime, pool, READY, accept loop, graceful drain.
 //! - [`http`]: router, handlers (notes, metrics) and error mapping.
 //! - [`domain`]: `Note`, `NoteTitle::parse`, `NewNote`, `NotePatch`.
-//! - [`store`]: database pools (PostgreSQL or SQLite), embedded migrations.
+//! - [`store`]: our per-worker pool and broken-connection rules (PostgreSQL or
+//!   SQLite), queries, embedded migrations.
 //! - [`client`]: the small unix-socket clients behind `status` and `healthcheck`.
 //!
 //! Flow: master: signal/child/tick → `Event` → `State::handle` → `Action`s →
