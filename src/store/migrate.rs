@@ -94,49 +94,33 @@ pub async fn applied(store: &Store) -> Result<Vec<(i64, bool, String)>, StoreErr
         }
     };
     let list_sql = "SELECT version, success, description FROM _sqlx_migrations ORDER BY version";
+    // The same steps on either backend's connection type.
+    macro_rules! read_rows {
+        ($pool:expr) => {{
+            let mut c = $pool.acquire().await?;
+            let r = async {
+                let exists: bool = sqlx::query(exists_sql)
+                    .fetch_one(&mut *c)
+                    .await?
+                    .try_get(0)?;
+                if !exists {
+                    return Ok(Vec::new());
+                }
+                sqlx::query(list_sql)
+                    .fetch_all(&mut *c)
+                    .await?
+                    .iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+            }
+            .await;
+            c.finish(&r);
+            r?
+        }};
+    }
     let rows = match store {
-        Store::Postgres(p) => {
-            let mut c = p.acquire().await?;
-            let r = async {
-                let exists: bool = sqlx::query(exists_sql)
-                    .fetch_one(&mut *c)
-                    .await?
-                    .try_get(0)?;
-                if !exists {
-                    return Ok(Vec::new());
-                }
-                sqlx::query(list_sql)
-                    .fetch_all(&mut *c)
-                    .await?
-                    .iter()
-                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                    .collect::<Result<Vec<_>, sqlx::Error>>()
-            }
-            .await;
-            c.finish(&r);
-            r?
-        }
-        Store::Sqlite(p) => {
-            let mut c = p.acquire().await?;
-            let r = async {
-                let exists: bool = sqlx::query(exists_sql)
-                    .fetch_one(&mut *c)
-                    .await?
-                    .try_get(0)?;
-                if !exists {
-                    return Ok(Vec::new());
-                }
-                sqlx::query(list_sql)
-                    .fetch_all(&mut *c)
-                    .await?
-                    .iter()
-                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                    .collect::<Result<Vec<_>, sqlx::Error>>()
-            }
-            .await;
-            c.finish(&r);
-            r?
-        }
+        Store::Postgres(p) => read_rows!(p),
+        Store::Sqlite(p) => read_rows!(p),
     };
     Ok(rows)
 }
