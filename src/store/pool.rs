@@ -1,8 +1,9 @@
 //! One worker's connection pool.
 //!
-//! sqlx's `Pool` pings every connection it takes back (a full round trip to
-//! the database per request, measured at a quarter of a list request's
-//! cost), because it cannot know whether the last query on it ran to the end.
+//! sqlx's `Pool` pings every connection it takes back (a second round trip to
+//! the database per request), because it cannot know whether the last query
+//! on it ran to the end. Without it: list +3–24 %, POST +8 % and its p99
+//! halved (oha direct, bench/README.md).
 //! This pool knows: the caller says so with [`Conn::finish`], and a
 //! connection whose query was cut short (request timeout, dropped future) or
 //! whose error says it broke is closed instead of reused. Idle and suspect
