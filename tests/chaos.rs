@@ -953,7 +953,12 @@ fn postgres_down_for_10s_is_503_without_worker_deaths_and_recovers_in_2s() {
     let _heavy = heavy();
     let Some(rig) = rig(
         "chaos_pg",
-        |o| o.extra_toml = format!("[http]\nrequest_timeout = {REQUEST_TIMEOUT}\n"),
+        // The list cache off: a page cached just before the outage is (rightly)
+        // served for up to `list_cache_ms`; this test watches the database path.
+        |o| {
+            o.extra_toml =
+                format!("[http]\nrequest_timeout = {REQUEST_TIMEOUT}\nlist_cache_ms = 0\n")
+        },
         NginxOptions {
             read_timeout: 10,
             ..NginxOptions::default()
