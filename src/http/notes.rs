@@ -65,12 +65,11 @@ pub fn parse_id(s: &str) -> Option<i64> {
 pub async fn list(app: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let q = ListQuery::parse(req.uri().query())?;
     let key = (q.limit, q.before);
-    // Read before the query: see `list_cache` on why the order matters.
+    // Both read before the query: see `list_cache` on why the order matters;
+    // the page's age counts from then, so `list_cache_ms` bounds its staleness.
     let generation = app.slot.board().write_generation();
-    if let Some(page) = app
-        .list_cache
-        .get(key, generation, std::time::Instant::now())
-    {
+    let read_at = std::time::Instant::now();
+    if let Some(page) = app.list_cache.get(key, generation, read_at) {
         return Ok(page_response(page));
     }
     let notes = app.store.list_notes(q.limit, q.before).await?;
@@ -86,8 +85,7 @@ pub async fn list(app: &AppState, req: &Request<Incoming>) -> Result<Response<Bo
         body: super::json_bytes(&notes.notes),
         link,
     };
-    app.list_cache
-        .put(key, generation, std::time::Instant::now(), page.clone());
+    app.list_cache.put(key, generation, read_at, page.clone());
     Ok(page_response(page))
 }
 
