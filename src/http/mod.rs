@@ -106,13 +106,14 @@ pub async fn route(
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path();
     match (req.method(), path) {
-        (&Method::GET | &Method::HEAD, "/") => Ok(json(
+        (&Method::GET | &Method::HEAD, "/") => Ok(json_response(
             StatusCode::OK,
-            &serde_json::json!({"message": "Hello, production!"}),
+            Bytes::from_static(br#"{"message":"Hello, production!"}"#),
         )),
-        (&Method::GET | &Method::HEAD, "/healthz") => {
-            Ok(json(StatusCode::OK, &serde_json::json!({"ok": true})))
-        }
+        (&Method::GET | &Method::HEAD, "/healthz") => Ok(json_response(
+            StatusCode::OK,
+            Bytes::from_static(br#"{"ok":true}"#),
+        )),
         (&Method::GET | &Method::HEAD, "/readyz") => Ok(readyz(app).await),
         (&Method::GET | &Method::HEAD, "/metrics") => Ok(metrics::render(app.slot.board())),
         (_, "/" | "/healthz" | "/readyz" | "/metrics") => {
@@ -167,17 +168,38 @@ fn query_u64(query: Option<&str>, key: &str) -> Option<u64> {
 }
 
 /// A request id: the client's if it is sane (1–64 of `[A-Za-z0-9._-]`), else ours.
-pub fn request_id(incoming: Option<&HeaderValue>, generate: impl FnOnce() -> String) -> String {
+pub fn request_id(
+    incoming: Option<&HeaderValue>,
+    generate: impl FnOnce() -> HeaderValue,
+) -> HeaderValue {
     incoming
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| {
+        .filter(|v| {
+            let s = v.as_bytes();
             !s.is_empty()
                 && s.len() <= 64
-                && s.bytes()
+                && s.iter()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         })
-        .map(str::to_string)
+        .cloned()
         .unwrap_or_else(generate)
+}
+
+/// Our request id: `<pid hex>-<per-worker counter hex>`, unique per host.
+pub fn generated_request_id(pid: u32, token: u64) -> HeaderValue {
+    fn push_hex(buf: &mut [u8; 25], len: &mut usize, v: u64) {
+        let digits = (64 - (v | 1).leading_zeros()).div_ceil(4) as usize;
+        for i in (0..digits).rev() {
+            buf[*len] = b"0123456789abcdef"[((v >> (i * 4)) & 0xf) as usize];
+            *len += 1;
+        }
+    }
+    let mut buf = [0u8; 25];
+    let mut len = 0;
+    push_hex(&mut buf, &mut len, u64::from(pid));
+    buf[len] = b'-';
+    len += 1;
+    push_hex(&mut buf, &mut len, token);
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 #[cfg(test)]
@@ -186,7 +208,7 @@ mod tests {
 
     #[test]
     fn request_ids_are_echoed_only_when_sane() {
-        let generate = || "generated".to_string();
+        let generate = || HeaderValue::from_static("generated");
         let ok = HeaderValue::from_static("abc-123.x_y");
         assert_eq!(request_id(Some(&ok), generate), "abc-123.x_y");
         let bad = HeaderValue::from_static("a b");
@@ -194,6 +216,20 @@ mod tests {
         let long = HeaderValue::from_str(&"a".repeat(65)).expect("header");
         assert_eq!(request_id(Some(&long), generate), "generated");
         assert_eq!(request_id(None, generate), "generated");
+    }
+
+    #[test]
+    fn generated_ids_are_pid_and_counter_in_hex() {
+        assert_eq!(generated_request_id(0x1f2e, 1), "1f2e-1");
+        assert_eq!(generated_request_id(1, 0), "1-0");
+        assert_eq!(
+            generated_request_id(u32::MAX, u64::MAX),
+            "ffffffff-ffffffffffffffff"
+        );
+        assert_eq!(
+            generated_request_id(4096, 255),
+            format!("{:x}-{:x}", 4096, 255)
+        );
     }
 
     #[test]

@@ -64,39 +64,46 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-/// A request being served, as the scoreboard shows it.
+/// A request being served, as the scoreboard shows it. Nothing here is
+/// allocated per request: the method and URI share hyper's parsed request,
+/// the id is the client's header value or one generated into a small buffer.
 struct InFlightRequest {
     method: hyper::Method,
-    path: String,
-    id: String,
+    uri: hyper::Uri,
+    id: HeaderValue,
     started_ns: u64,
 }
 
 /// The requests in flight on this worker. The scoreboard slot shows the
 /// **oldest** one: when the master kills a stuck worker, that is the request
 /// it names (a newer request finishing must not hide an older one still running).
+/// Tokens only grow, so the queue stays in age order by appending; it keeps its
+/// capacity between requests.
 #[derive(Default)]
-struct InFlight(std::sync::Mutex<std::collections::BTreeMap<u64, InFlightRequest>>);
+struct InFlight(std::sync::Mutex<std::collections::VecDeque<(u64, InFlightRequest)>>);
 
 impl InFlight {
     fn publish(slot: &Slot, token: u64, r: &InFlightRequest) {
-        slot.begin_request(token, r.method.as_str(), &r.path, &r.id, r.started_ns);
+        let id = r.id.to_str().unwrap_or("");
+        slot.begin_request(token, r.method.as_str(), r.uri.path(), id, r.started_ns);
     }
 
     fn begin(&self, slot: &Slot, token: u64, r: InFlightRequest) {
-        let Ok(mut map) = self.0.lock() else { return };
-        if map.is_empty() {
+        let Ok(mut queue) = self.0.lock() else { return };
+        if queue.is_empty() {
             Self::publish(slot, token, &r);
         }
-        map.insert(token, r);
+        queue.push_back((token, r));
     }
 
     fn end(&self, slot: &Slot, token: u64) {
-        let Ok(mut map) = self.0.lock() else { return };
-        let was_oldest = map.first_key_value().is_some_and(|(t, _)| *t == token);
-        map.remove(&token);
-        if was_oldest {
-            match map.first_key_value() {
+        let Ok(mut queue) = self.0.lock() else { return };
+        let Some(at) = queue.iter().position(|(t, _)| *t == token) else {
+            return;
+        };
+        queue.remove(at);
+        if at == 0 {
+            match queue.front() {
                 Some((t, r)) => Self::publish(slot, *t, r),
                 None => slot.end_request(token),
             }
@@ -285,17 +292,17 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let token = shared.next_token.fetch_add(1, Ordering::Relaxed) + 1;
     let pid = shared.pid;
     let request_id = http::request_id(req.headers().get(&X_REQUEST_ID), || {
-        format!("{pid:x}-{token:x}")
+        http::generated_request_id(pid, token)
     });
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let route = http::route_index(&path);
+    let uri = req.uri().clone();
+    let route = http::route_index(uri.path());
     shared.in_flight.begin(
         &shared.slot,
         token,
         InFlightRequest {
             method: method.clone(),
-            path: path.clone(),
+            uri: uri.clone(),
             id: request_id.clone(),
             started_ns: clock::now_ns(),
         },
@@ -312,9 +319,8 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             Ok(Err(e)) => e.into_response(),
             Err(_) => ApiError::Timeout(limit).into_response(),
         };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
-    }
+    resp.headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
     if shared.draining.load(Ordering::Acquire) {
         resp.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -334,12 +340,12 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         tracing::info!(
             target: "access",
             method = %method,
-            path = %path,
+            path = %uri.path(),
             status = resp.status().as_u16(),
             bytes = resp.body().size_hint().exact().unwrap_or(0),
             duration_ms = format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0),
             pid,
-            request_id = %request_id,
+            request_id = request_id.to_str().unwrap_or(""),
         );
     }
     resp
