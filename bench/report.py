@@ -69,7 +69,7 @@ ceil_proxy = peerstats("ceiling.proxy.txt").get("rps")
 ceil_static = peerstats("ceiling.static.txt").get("rps")
 if ceil_proxy and ceil_static:
     cp, cs = float(ceil_proxy), float(ceil_static)
-    print(f"{'nginx -> bare nginx':<22} {round(cp):>11}   the proxy hop's ceiling: {100 * cp / cs:.0f}% of nginx static "
+    print(f"{'nginx -> floor.c':<22} {round(cp):>11}   the proxy hop's ceiling: {100 * cp / cs:.0f}% of nginx static "
           f"({round(cs)} in the same minute)")
 static = val(ka, "nginx-static GET /healthz") or val(nd, "nginx-static GET /healthz")
 print(f"{'nginx static':<22} {static or '-':>11}")
@@ -83,7 +83,7 @@ checks.append(("GET /api/notes p99 <= 1/10 peer", p99_k and p99_p and p99_k <= p
 c_p, c_k = val(peer, "POST /api/notes"), val(ka, "POST /api/notes")
 checks.append(("POST /api/notes >= 10x peer", c_k and c_p and c_k / c_p >= 10, ratio(c_k, c_p)))
 h_k = val(ka, "GET /healthz")
-ceiling = f"; a zero-cost upstream gets {100 * float(ceil_proxy) / float(ceil_static):.0f}%" if ceil_proxy and ceil_static else ""
+ceiling = f"; the cheapest upstream (floor.c) gets {100 * float(ceil_proxy) / float(ceil_static):.0f}%" if ceil_proxy and ceil_static else ""
 checks.append(("GET /healthz >= 50% nginx static", h_k and static and h_k / static >= 0.5, (f"{100 * h_k / static:.0f}%" if h_k and static else "-") + ceiling))
 checks.append(("worker RSS <= 1/5 peer", nd_rss and peer_rss and nd_rss <= peer_rss / 5, f"{nd_rss and round(nd_rss, 1)} vs {peer_rss and round(peer_rss, 1)} MiB"))
 checks.append(("idle master < 0.1% CPU", idle < 0.1, f"{idle:.3f}%"))
