@@ -41,3 +41,102 @@ fn serves_on_a_fresh_postgres_database() {
     drop(server);
     drop(db);
 }
+
+/// The `Uid:`/`Gid:`/`Groups:` lines of `/proc/PID/status`, as numbers.
+fn ids(pid: i32) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    let line = |key: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect()
+    };
+    (line("Uid:"), line("Gid:"), line("Groups:"))
+}
+
+/// `server.user` / `server.group`: a master started as root keeps root (it
+/// binds, and reloads bind nothing new) and runs every worker as the user and
+/// group, with no supplementary groups, also the workers a reload starts.
+#[test]
+fn workers_run_as_server_user_and_group_when_started_as_root() {
+    use common::notes::Api;
+    if !nix::unistd::geteuid().is_root() {
+        skip_unless_ci(
+            "root",
+            "server.user/server.group can only be tested as root",
+            "; run the tests as root",
+        );
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .expect("user nobody");
+    let nogroup = nix::unistd::Group::from_name("nogroup")
+        .ok()
+        .flatten()
+        .expect("group nogroup");
+    let (uid, gid) = (nobody.uid.as_raw(), nogroup.gid.as_raw());
+    let Some(db) = fresh_pg_database() else {
+        return;
+    };
+    // Workers exec the master's binary as `nobody`: run a copy that nobody
+    // can reach, whatever the permissions of the checkout's directories.
+    let bin_dir = TempDir::new("drop_bin");
+    let bin = bin_dir.join("notesd");
+    std::fs::copy(env!("CARGO_BIN_EXE_notesd"), &bin).expect("copy the binary");
+    for p in [bin_dir.path(), bin.as_path()] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod 755");
+    }
+    let server = TestServer::start(
+        "drop_privileges",
+        TestOptions {
+            database_url: Some(db.url.clone()),
+            migrate_on_start: true,
+            server_extra: "user = \"nobody\"\ngroup = \"nogroup\"".to_string(),
+            sh_prefix: Some(format!("exec '{}' \"$@\";", bin.display())),
+            ..TestOptions::default()
+        },
+    );
+    let check = |server: &TestServer, when: &str| {
+        let (muid, _, _) = ids(server.master_pid());
+        assert_eq!(muid, vec![0; 4], "{when}: the master stays root");
+        let pids = ready_pids(&server.status());
+        assert_eq!(pids.len(), 2, "{when}");
+        for pid in pids {
+            let (u, g, groups) = ids(pid);
+            assert_eq!(
+                u,
+                vec![uid; 4],
+                "{when}: worker {pid} real/effective/saved/fs uid"
+            );
+            assert_eq!(g, vec![gid; 4], "{when}: worker {pid} gids");
+            assert_eq!(
+                groups,
+                vec![gid],
+                "{when}: worker {pid} supplementary groups"
+            );
+        }
+        // The workers serve as nobody: a write commits, a read finds it.
+        let id = server.create(&json!({"title": when, "body": "written as nobody"}));
+        assert_eq!(server.note(id)["title"], when);
+    };
+    check(&server, "at boot");
+    let gen0 = generation(&server.status());
+    server.signal(Signal::SIGHUP);
+    server.wait_for("a new generation of 2", Duration::from_secs(20), |s| {
+        generation(s) > gen0
+            && is_steady(s, 2)
+            && workers(s)
+                .iter()
+                .all(|w| w["generation"].as_u64() == Some(generation(s)))
+    });
+    check(&server, "after a reload");
+    drop(server);
+    drop(db);
+}
