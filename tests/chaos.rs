@@ -405,14 +405,6 @@ impl Rng {
     }
 }
 
-/// All workers belong to the current generation.
-fn all_current(status: &serde_json::Value) -> bool {
-    let g = generation(status);
-    workers(status)
-        .iter()
-        .all(|w| w["generation"].as_u64() == Some(g))
-}
-
 /// (pid, generation, boot ms) of every "worker P (generation G) ready in N ms"
 /// line in `log`.
 fn ready_lines(log: &str) -> Vec<(i32, u64, u64)> {
@@ -485,7 +477,7 @@ fn hups_under_load_fail_no_request() {
         thread::sleep(Duration::from_millis(500));
     }
     let s = server.wait_for("the last reload to finish", Duration::from_secs(15), |s| {
-        generation(s) == gen0 + HUPS && is_steady(s, 2) && all_current(s)
+        generation(s) == gen0 + HUPS && is_steady(s, 2) && all_of_current_generation(s)
     });
     thread::sleep(Duration::from_millis(500));
     let report = load.stop();

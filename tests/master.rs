@@ -20,14 +20,6 @@ fn opts() -> TestOptions {
     TestOptions::default()
 }
 
-/// All workers of `status` belong to its current generation.
-fn all_of_current_generation(status: &Value) -> bool {
-    let g = generation(status);
-    workers(status)
-        .iter()
-        .all(|w| w["generation"].as_u64() == Some(g))
-}
-
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }

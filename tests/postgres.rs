@@ -130,11 +130,7 @@ fn workers_run_as_server_user_and_group_when_started_as_root() {
     let gen0 = generation(&server.status());
     server.signal(Signal::SIGHUP);
     server.wait_for("a new generation of 2", Duration::from_secs(20), |s| {
-        generation(s) > gen0
-            && is_steady(s, 2)
-            && workers(s)
-                .iter()
-                .all(|w| w["generation"].as_u64() == Some(generation(s)))
+        generation(s) > gen0 && is_steady(s, 2) && all_of_current_generation(s)
     });
     check(&server, "after a reload");
     drop(server);

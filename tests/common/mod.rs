@@ -995,6 +995,14 @@ pub fn is_steady(status: &Value, n: usize) -> bool {
         && ws.iter().all(|w| w["state"] == "ready")
 }
 
+/// All workers of `status` belong to its current generation.
+pub fn all_of_current_generation(status: &Value) -> bool {
+    let g = generation(status);
+    workers(status)
+        .iter()
+        .all(|w| w["generation"].as_u64() == Some(g))
+}
+
 // ---------------------------------------------------------------------------
 // HTTP/1.1 client over a unix socket
 // ---------------------------------------------------------------------------
