@@ -295,14 +295,15 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         http::generated_request_id(pid, token)
     });
     let method = req.method().clone();
-    let uri = req.uri().clone();
-    let route = http::route_index(uri.path());
+    let route = http::route_index(req.uri().path());
+    // The access log's copy of the URI; the in-flight entry has its own.
+    let logged_uri = shared.config.log.access_log.then(|| req.uri().clone());
     shared.in_flight.begin(
         &shared.slot,
         token,
         InFlightRequest {
             method: method.clone(),
-            uri: uri.clone(),
+            uri: req.uri().clone(),
             id: request_id.clone(),
             started_ns: clock::now_ns(),
         },
@@ -336,7 +337,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     {
         shared.channel.send(&ToMaster::Retire { requests: served });
     }
-    if shared.config.log.access_log {
+    if let Some(uri) = logged_uri {
         tracing::info!(
             target: "access",
             method = %method,
