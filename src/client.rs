@@ -1,6 +1,6 @@
-//! The small clients behind `notesd status` and `notesd healthcheck`.
+//! The small clients behind `notesd status`, `notesd reload` and `notesd healthcheck`.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyperlocal::{UnixClientExt, UnixConnector};
 
-use crate::master::control::Status;
+use crate::master::control::{Command, ReloadAnswer, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -29,8 +29,13 @@ pub enum ClientError {
     Health { path: String, detail: String },
 }
 
-/// Ask the master for its status over the control socket.
-pub fn status(control: &Path) -> Result<Status, ClientError> {
+/// How long `notesd reload` waits for the master's answer: longer than any
+/// reload takes (boot attempts back off for a few seconds at most), shorter
+/// than forever if the master itself hangs. systemd bounds `ExecReload=` too.
+pub const RELOAD_WAIT: Duration = Duration::from_secs(300);
+
+/// Send one command over the control socket and read the whole answer.
+fn ask(control: &Path, command: Command, wait: Duration) -> Result<Vec<u8>, ClientError> {
     let path = control.display().to_string();
     let mut stream = std::os::unix::net::UnixStream::connect(control).map_err(|source| {
         ClientError::Connect {
@@ -42,15 +47,43 @@ pub fn status(control: &Path) -> Result<Status, ClientError> {
         path: path.clone(),
         source,
     };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(read_err)?;
+    stream.set_read_timeout(Some(wait)).map_err(read_err)?;
+    stream.write_all(command.line()).map_err(read_err)?;
     let mut body = Vec::new();
     stream.read_to_end(&mut body).map_err(read_err)?;
-    serde_json::from_slice(&body).map_err(|e| ClientError::Decode {
-        path,
-        detail: e.to_string(),
+    Ok(body)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(control: &Path, body: &[u8]) -> Result<T, ClientError> {
+    serde_json::from_slice(body).map_err(|e| ClientError::Decode {
+        path: control.display().to_string(),
+        detail: match std::str::from_utf8(body) {
+            // A refusal comes as a ReloadAnswer: show its message, not a serde error.
+            Ok(text) => serde_json::from_str::<ReloadAnswer>(text)
+                .map(|a| a.message)
+                .unwrap_or_else(|_| format!("{e}: {text:?}")),
+            Err(_) => e.to_string(),
+        },
     })
+}
+
+/// Ask the master for its status over the control socket.
+pub fn status(control: &Path) -> Result<Status, ClientError> {
+    let body = ask(control, Command::Status, Duration::from_secs(5))?;
+    decode(control, &body)
+}
+
+/// Ask the master to reload and wait until the reload completed, or was
+/// refused or abandoned (the answer says which).
+pub fn reload(control: &Path) -> Result<ReloadAnswer, ClientError> {
+    let body = ask(control, Command::Reload, RELOAD_WAIT)?;
+    if body.is_empty() {
+        return Err(ClientError::Decode {
+            path: control.display().to_string(),
+            detail: "the master closed the connection without an answer (did it exit?)".into(),
+        });
+    }
+    decode(control, &body)
 }
 
 /// GET /healthz over the unix socket (hyperlocal); Ok on 200 within 5 s.

@@ -21,7 +21,7 @@ use notesd::store::{self, Purpose, Store};
         `notesd serve` runs the master: it binds the sockets, forks the workers and supervises \
         them. Signals to the master: HUP reload (new workers first, then the old ones drain), \
         TERM graceful stop, INT/QUIT quick stop, TTIN/TTOU one worker more/fewer, USR1 reopen \
-        log files.\n\n\
+        log files. `notesd reload` does what HUP does and waits until it is done.\n\n\
         Configuration: -c FILE, else $NOTESD_CONFIG, else /etc/notesd/notesd.toml, else the \
         embedded defaults. Exit codes: 0 clean, 1 runtime failure, 2 bad usage or invalid \
         config, 3 workers failed to boot."
@@ -81,6 +81,11 @@ enum Command {
         /// Machine-readable output
         #[arg(long)]
         json: bool,
+    },
+    /// Reload gracefully (as SIGHUP) and wait: exit 0 once the new generation serves, 1 with the reason if the reload was refused or abandoned
+    Reload {
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// GET /healthz over the unix socket: exit 0 healthy, 1 not
     Healthcheck {
@@ -252,6 +257,16 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
                 print_status(&st);
             }
             Ok(0)
+        }
+        Command::Reload { config } => {
+            let cfg = load(&overrides(config))?;
+            let answer = notesd::client::reload(&cfg.server.control_socket)?;
+            if answer.ok {
+                println!("notesd: {}", answer.message);
+                Ok(0)
+            } else {
+                Err(Exit(1, answer.message).into())
+            }
         }
         Command::Healthcheck { config, socket } => {
             let socket = match socket {

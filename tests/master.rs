@@ -352,6 +352,66 @@ fn a_stopped_worker_is_killed_after_timeout() {
     assert_eq!(server.get("/").status, 200);
 }
 
+/// D4: a worker started to replace a dead one is supervised like the
+/// others. (Its scoreboard slot was once cleared right after it was spawned
+/// into it, so its heartbeat was never seen and it was never timed out.)
+#[test]
+fn a_replacement_worker_and_an_original_both_stopped_are_both_killed_after_timeout() {
+    let mut server = TestServer::start(
+        "timeout_replacement",
+        TestOptions {
+            timeout: 2,
+            ..opts()
+        },
+    );
+    server.allow_errors();
+    let pids0 = server.worker_pids();
+    let (dead, original) = (pids0[0], pids0[1]);
+    send_signal(dead, Signal::SIGKILL);
+    let s = server.wait_for("the killed worker's replacement", secs(5.0), |s| {
+        !all_pids(s).contains(&dead) && is_steady(s, 2)
+    });
+    let replacement = ready_pids(&s)
+        .into_iter()
+        .find(|p| !pids0.contains(p))
+        .unwrap_or_else(|| panic!("no new worker: {s}"));
+    let w = workers(&s)
+        .into_iter()
+        .find(|w| worker_pid(w) == replacement)
+        .unwrap_or_else(|| panic!("replacement {replacement} missing: {s}"));
+    assert!(
+        w["last_heartbeat_s"].as_f64().is_some_and(|b| b < 2.0),
+        "the replacement's heartbeat is recent: {w}"
+    );
+
+    send_signal(replacement, Signal::SIGSTOP);
+    send_signal(original, Signal::SIGSTOP);
+    let t0 = Instant::now();
+    let gone = server.try_wait_for(secs(8.0), |s| {
+        let pids = all_pids(s);
+        !pids.contains(&replacement)
+            && !pids.contains(&original)
+            && !pid_alive(replacement)
+            && !pid_alive(original)
+    });
+    let elapsed = t0.elapsed();
+    if let Err(last) = &gone {
+        panic!(
+            "stopped workers {replacement} (replacement) and {original} not both killed within 8 s; last status: {last}"
+        );
+    }
+    eprintln!("both stopped workers killed after {elapsed:?}");
+    assert!(
+        elapsed <= secs(3.5),
+        "workers silent for timeout (2 s) must be killed within ~3 s, took {elapsed:?}"
+    );
+    let s = server.wait_steady(2, secs(10.0));
+    for pid in [dead, replacement, original] {
+        assert!(!all_pids(&s).contains(&pid), "{pid} still listed: {s}");
+    }
+    assert_eq!(server.get("/").status, 200);
+}
+
 #[test]
 fn a_blocked_worker_is_killed_and_its_request_logged() {
     let mut server = TestServer::start(

@@ -452,8 +452,19 @@ fn sd_notify_ready_reloading_stopping() {
         );
     }
     assert_ready_logged_before(&pids1, &log_at_reloaded, "READY=1 (after the reload)");
+    // systemctl shows this STATUS= as the unit's StatusText once the reload
+    // is done: it must not still say "reloading" (old workers may still drain).
+    let text = reloaded.value("STATUS").unwrap_or_default();
+    assert!(
+        text.starts_with("running"),
+        "READY=1 after the reload carries STATUS={text:?}, not \"running …\": {:?}",
+        reloaded.text
+    );
     assert_eq!(server.get("/").status, 200);
     assert_env_not_inherited(&pids1, &["NOTIFY_SOCKET"]);
+
+    // --- HUP during a graceful stop: no RELOADING=1 (nothing would follow it)
+    // — checked below, with TERM.
 
     // --- TERM: STOPPING=1, exit 0 --------------------------------------------
     notify.drain();
@@ -461,6 +472,7 @@ fn sd_notify_ready_reloading_stopping() {
     let (before_stopping, _) = notify.wait_for("STOPPING=1 (after TERM)", NOTIFY_TIMEOUT, |m| {
         m.has("STOPPING=1")
     });
+    server.signal(Signal::SIGHUP);
     assert!(
         before_stopping.iter().all(|m| !m.has("READY=1")),
         "READY=1 after TERM: {:?}",
@@ -471,6 +483,11 @@ fn sd_notify_ready_reloading_stopping() {
     assert!(
         after.iter().all(|m| !m.has("READY=1")),
         "READY=1 after STOPPING=1: {:?}",
+        texts(&after)
+    );
+    assert!(
+        after.iter().all(|m| !m.has("RELOADING=1")),
+        "RELOADING=1 for a HUP during the stop, which no READY=1 follows: {:?}",
         texts(&after)
     );
     assert!(

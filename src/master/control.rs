@@ -1,12 +1,25 @@
-//! The control socket behind `notesd status`.
+//! The control socket behind `notesd status` and `notesd reload`.
 //!
-//! Protocol: connect; the master writes one JSON document ([`Status`]) and
-//! closes. There is no request to read, so a slow or silent client can never
-//! stall the single-threaded master: the write is non-blocking and a client
-//! that cannot take it at once gets nothing.
+//! Protocol, one request per connection: the client writes one line naming
+//! the command (`status` or `reload`); the master answers with one JSON
+//! document and closes. `status` is answered at once with a [`Status`];
+//! `reload` is answered with a [`ReloadAnswer`] once the reload it started has
+//! completed, been refused or been abandoned — that wait is what makes
+//! `notesd reload` (the unit's `ExecReload=`) return only when the new
+//! generation serves.
+//!
+//! The master is single-threaded, so nothing here blocks: the listener and
+//! every connection are non-blocking and sit in the master's `poll()`; a
+//! client has [`IO_DEADLINE`] to send its request and to take the answer, and
+//! is dropped (with a log line) if it does not. At most [`MAX_CLIENTS`] are
+//! served at once; more are turned away at accept.
+//!
+//! Who may ask: the socket file is 0660 (owner and the service's group), and
+//! on top of that the peer's uid (SO_PEERCRED) must be root or the service's
+//! own user; anyone else gets a refusal, whatever the file's mode.
 
-use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
@@ -14,8 +27,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::ipc;
 use crate::listener::{ListenError, Listener};
-use crate::master::state::State;
+use crate::master::state::{ReloadOutcome, State};
 use crate::scoreboard::Scoreboard;
+
+/// How long a client may take to send its request line, and to read the answer.
+pub const IO_DEADLINE: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed at accept.
+pub const MAX_CLIENTS: usize = 32;
+/// The longest request line accepted.
+const MAX_REQUEST: usize = 64;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
@@ -51,6 +71,339 @@ pub struct RequestStatus {
     pub path: String,
     pub request_id: String,
     pub elapsed_ms: u64,
+}
+
+/// The answer to `reload` (and to any refused or unknown request).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadAnswer {
+    pub ok: bool,
+    /// The generation now serving (when `ok`).
+    pub generation: Option<u32>,
+    pub message: String,
+}
+
+impl ReloadAnswer {
+    fn failed(message: String) -> ReloadAnswer {
+        ReloadAnswer {
+            ok: false,
+            generation: None,
+            message,
+        }
+    }
+
+    fn from_outcome(outcome: &ReloadOutcome) -> ReloadAnswer {
+        match outcome {
+            ReloadOutcome::Complete {
+                generation,
+                workers,
+            } => ReloadAnswer {
+                ok: true,
+                generation: Some(*generation),
+                message: format!(
+                    "reload complete: generation {generation} serving with {workers} worker(s)"
+                ),
+            },
+            ReloadOutcome::Refused(why) => ReloadAnswer::failed(format!("reload refused: {why}")),
+            ReloadOutcome::Abandoned(why) => {
+                ReloadAnswer::failed(format!("reload abandoned: {why}"))
+            }
+        }
+    }
+}
+
+/// The commands a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Status,
+    Reload,
+}
+
+impl Command {
+    pub fn line(self) -> &'static [u8] {
+        match self {
+            Command::Status => b"status\n",
+            Command::Reload => b"reload\n",
+        }
+    }
+
+    fn parse(line: &[u8]) -> Option<Command> {
+        match line.trim_ascii() {
+            b"status" => Some(Command::Status),
+            b"reload" => Some(Command::Reload),
+            _ => None,
+        }
+    }
+}
+
+/// Where one client connection is.
+enum Phase {
+    /// Reading the request line.
+    Reading(Vec<u8>),
+    /// Waiting for the reload it asked for to end.
+    AwaitingReload,
+    /// Writing the answer (`at` bytes sent so far).
+    Writing {
+        answer: Vec<u8>,
+        at: usize,
+    },
+    Done,
+}
+
+struct Client {
+    stream: UnixStream,
+    /// The peer's uid (SO_PEERCRED), read once at accept.
+    uid: Option<u32>,
+    phase: Phase,
+    /// When the current read or write must be over (monotonic); none while
+    /// a reload is awaited (that lasts as long as the reload does).
+    deadline: Option<Duration>,
+}
+
+/// The listening control socket and the clients being served.
+pub struct Control {
+    listener: UnixListener,
+    clients: Vec<Client>,
+    /// Uids obeyed besides root: the master's own and the workers' (server.user).
+    allowed: Vec<u32>,
+}
+
+/// What the master must do for the clients after [`Control::service`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Requests {
+    /// At least one client asked for a reload, which is now awaited.
+    pub reload: bool,
+}
+
+impl Control {
+    pub fn new(listener: UnixListener, allowed: Vec<u32>) -> Control {
+        Control {
+            listener,
+            clients: Vec::new(),
+            allowed,
+        }
+    }
+
+    /// The fds to poll, with whether each wants to write (else read).
+    pub fn poll_fds(&self) -> impl Iterator<Item = (BorrowedFd<'_>, bool)> {
+        std::iter::once((self.listener.as_fd(), false)).chain(
+            self.clients
+                .iter()
+                .map(|c| (c.stream.as_fd(), matches!(c.phase, Phase::Writing { .. }))),
+        )
+    }
+
+    /// Accept, read requests, answer `status`, write pending answers, drop
+    /// clients past their deadline or gone. Returns what needs the master.
+    pub fn service(&mut self, state: &State, board: &Scoreboard, now: Duration) -> Requests {
+        self.accept(now);
+        let mut requests = Requests::default();
+        for i in 0..self.clients.len() {
+            match self.clients[i].read_request() {
+                Some(Ok(command)) => self.dispatch(i, command, state, board, now, &mut requests),
+                Some(Err(unknown)) => {
+                    tracing::warn!(request = %unknown.escape_debug(), "control socket: unknown request");
+                    self.clients[i].answer(
+                        &ReloadAnswer::failed(format!(
+                            "unknown request {unknown:?} (expected \"status\" or \"reload\")"
+                        )),
+                        now,
+                    );
+                }
+                None => {}
+            }
+            self.clients[i].flush();
+            self.clients[i].expire(now);
+        }
+        self.clients.retain(|c| !matches!(c.phase, Phase::Done));
+        requests
+    }
+
+    /// A reload ended: answer everyone waiting for one.
+    pub fn reload_done(&mut self, outcome: &ReloadOutcome, now: Duration) {
+        let answer = ReloadAnswer::from_outcome(outcome);
+        for c in &mut self.clients {
+            if matches!(c.phase, Phase::AwaitingReload) {
+                c.answer(&answer, now);
+                c.flush();
+            }
+        }
+    }
+
+    fn accept(&mut self, now: Duration) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) if self.clients.len() >= MAX_CLIENTS => {
+                    tracing::warn!(
+                        "control socket: {MAX_CLIENTS} clients already being served; turning one away"
+                    );
+                    drop(stream);
+                }
+                Ok((stream, _)) => {
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        tracing::warn!(error = %e, "control socket: cannot make a client non-blocking");
+                        continue;
+                    }
+                    let uid = nix::sys::socket::getsockopt(
+                        &stream,
+                        nix::sys::socket::sockopt::PeerCredentials,
+                    )
+                    .ok()
+                    .map(|c| c.uid());
+                    self.clients.push(Client {
+                        stream,
+                        uid,
+                        phase: Phase::Reading(Vec::new()),
+                        deadline: Some(now + IO_DEADLINE),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        i: usize,
+        command: Command,
+        state: &State,
+        board: &Scoreboard,
+        now: Duration,
+        requests: &mut Requests,
+    ) {
+        let client = &mut self.clients[i];
+        if !client
+            .uid
+            .is_some_and(|u| u == 0 || self.allowed.contains(&u))
+        {
+            let who = client
+                .uid
+                .map_or("an unknown uid".to_string(), |u| format!("uid {u}"));
+            tracing::warn!("control socket: refused {command:?} from {who}");
+            client.answer(
+                &ReloadAnswer::failed(format!(
+                    "refused: {who} is neither root nor the service's user (uid {})",
+                    self.allowed
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", uid ")
+                )),
+                now,
+            );
+            return;
+        }
+        match command {
+            Command::Status => client.answer(&status(state, board, now), now),
+            Command::Reload => {
+                tracing::info!("reload requested over the control socket");
+                client.phase = Phase::AwaitingReload;
+                client.deadline = None;
+                requests.reload = true;
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Read what is there. Once a whole line (or a half-close) has arrived:
+    /// the command, or the unknown request as text.
+    fn read_request(&mut self) -> Option<Result<Command, String>> {
+        let Phase::Reading(buf) = &mut self.phase else {
+            return None;
+        };
+        let mut chunk = [0u8; MAX_REQUEST];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.contains(&b'\n') || buf.len() > MAX_REQUEST {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "control client went away");
+                    self.phase = Phase::Done;
+                    return None;
+                }
+            }
+        }
+        let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
+        let line = &line[..line.len().min(MAX_REQUEST)];
+        Some(Command::parse(line).ok_or_else(|| String::from_utf8_lossy(line).into_owned()))
+    }
+
+    fn answer<T: Serialize>(&mut self, value: &T, now: Duration) {
+        match serde_json::to_vec(value) {
+            Ok(answer) => {
+                self.phase = Phase::Writing { answer, at: 0 };
+                self.deadline = Some(now + IO_DEADLINE);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket: cannot encode the answer");
+                self.phase = Phase::Done;
+            }
+        }
+    }
+
+    /// Write as much of the answer as the socket takes; done once all of it went.
+    fn flush(&mut self) {
+        let Phase::Writing { answer, at } = &mut self.phase else {
+            return;
+        };
+        while *at < answer.len() {
+            match self.stream.write(&answer[*at..]) {
+                Ok(0) => break,
+                Ok(n) => *at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "control client did not take its answer");
+                    break;
+                }
+            }
+        }
+        self.phase = Phase::Done;
+    }
+
+    /// Drop a client that is too slow, or one that hung up while waiting for a reload.
+    fn expire(&mut self, now: Duration) {
+        if matches!(self.phase, Phase::Done) {
+            return;
+        }
+        if self.deadline.is_some_and(|d| now >= d) {
+            tracing::warn!(
+                "control socket: a client took longer than {} s to send its request or read its answer; dropped",
+                IO_DEADLINE.as_secs()
+            );
+            self.phase = Phase::Done;
+            return;
+        }
+        if matches!(self.phase, Phase::AwaitingReload) && peer_hung_up(self.stream.as_fd()) {
+            tracing::info!("control socket: a client stopped waiting for its reload");
+            self.phase = Phase::Done;
+        }
+    }
+}
+
+/// Has the peer closed its end (a peek reads EOF)?
+fn peer_hung_up(fd: BorrowedFd<'_>) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    let mut byte = [0u8; 1];
+    matches!(
+        recv(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &mut byte,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+        ),
+        Ok(0) | Err(nix::Error::ECONNRESET)
+    )
 }
 
 fn secs(d: Duration) -> f64 {
@@ -106,36 +459,6 @@ pub fn status(state: &State, board: &Scoreboard, now: Duration) -> Status {
     }
 }
 
-/// Answer every waiting client (the listener is non-blocking).
-pub fn serve_pending(listener: &UnixListener, state: &State, board: &Scoreboard, now: Duration) {
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => answer(stream, state, board, now),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "control socket accept failed");
-                return;
-            }
-        }
-    }
-}
-
-fn answer(mut stream: UnixStream, state: &State, board: &Scoreboard, now: Duration) {
-    let body = match serde_json::to_vec(&status(state, board, now)) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot encode status");
-            return;
-        }
-    };
-    if stream.set_nonblocking(true).is_err() {
-        return;
-    }
-    if let Err(e) = stream.write_all(&body) {
-        tracing::debug!(error = %e, "status client did not take the answer");
-    }
-}
-
 /// Bind the control socket (same stale/live rules as the public socket).
 /// Returns the non-blocking listener and the `Listener` that owns the path.
 pub fn bind(
@@ -159,4 +482,33 @@ pub fn bind(
     let listener = UnixListener::from(fd);
     listener.set_nonblocking(true).map_err(io)?;
     Ok((listener, l))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_with_or_without_newline_and_nothing_else() {
+        assert_eq!(Command::parse(b"status"), Some(Command::Status));
+        assert_eq!(Command::parse(b" reload \r"), Some(Command::Reload));
+        assert_eq!(Command::parse(b""), None);
+        assert_eq!(Command::parse(b"reload now"), None);
+        for c in [Command::Status, Command::Reload] {
+            assert_eq!(Command::parse(c.line()), Some(c));
+        }
+    }
+
+    #[test]
+    fn reload_answers_say_what_happened() {
+        let ok = ReloadAnswer::from_outcome(&ReloadOutcome::Complete {
+            generation: 4,
+            workers: 3,
+        });
+        assert!(ok.ok && ok.generation == Some(4), "{ok:?}");
+        let refused = ReloadAnswer::from_outcome(&ReloadOutcome::Refused("bad toml".into()));
+        assert!(!refused.ok && refused.message.contains("refused: bad toml"));
+        let abandoned = ReloadAnswer::from_outcome(&ReloadOutcome::Abandoned("db down".into()));
+        assert!(!abandoned.ok && abandoned.message.contains("abandoned: db down"));
+    }
 }

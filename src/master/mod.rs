@@ -12,7 +12,6 @@ pub mod state;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -29,6 +28,7 @@ use crate::ipc::{self, ToMaster};
 use crate::listener::{self, ListenError, Listener, UnixOptions};
 use crate::scoreboard::Scoreboard;
 use crate::systemd;
+use control::Control;
 use events::{MasterSignal, Signals};
 use spawn::{Creds, Spawner};
 use state::{Action, Event, ExitHow, Level, Notify, State, WorkerSig};
@@ -84,12 +84,11 @@ impl MasterError {
 /// Everything the master owns at the OS level.
 struct Edge {
     listeners: Vec<Listener>,
-    control: UnixListener,
-    control_socket: Listener,
+    /// `notesd status` / `notesd reload` clients, polled with everything else.
+    control: Control,
     board: Scoreboard,
     spawner: Spawner,
     channels: BTreeMap<i32, OwnedFd>,
-    pidfile: Option<PathBuf>,
     overrides: Overrides,
     exit: Option<i32>,
     /// Under systemd (NOTIFY_SOCKET set): STATUS= lines are worth building.
@@ -131,11 +130,11 @@ pub fn run(config: Config, overrides: Overrides) -> Result<i32, MasterError> {
         }
     };
     let (control, control_socket) = control_socket;
+    let pidfile = config.server.pidfile.clone();
     let result = (|| {
         if config.database.migrate_on_start {
             migrate_child(&exe, &config, creds)?;
         }
-        let pidfile = config.server.pidfile.clone();
         if let Some(p) = &pidfile {
             write_pidfile(p)?;
         }
@@ -150,25 +149,35 @@ pub fn run(config: Config, overrides: Overrides) -> Result<i32, MasterError> {
         );
         let signals = Signals::register()?;
         let slots = 2 * config::MAX_WORKERS + 16;
+        // Obeyed on the control socket besides root: our own user and the workers'.
+        let allowed = std::iter::once(nix::unistd::geteuid().as_raw())
+            .chain(creds.map(|c| c.uid))
+            .collect();
         let mut edge = Edge {
             board: Scoreboard::create(slots)?,
             spawner: Spawner::new(&exe, creds)?,
-            listeners: Vec::new(),
-            control,
-            control_socket,
+            listeners: std::mem::take(&mut listeners),
+            control: Control::new(control, allowed),
             channels: BTreeMap::new(),
-            pidfile,
             overrides,
             exit: None,
             notify: std::env::var_os("NOTIFY_SOCKET").is_some(),
             last_status: String::new(),
         };
-        edge.listeners = std::mem::take(&mut listeners);
         let code = edge.main_loop(config, &signals, slots);
-        edge.cleanup();
+        listeners = std::mem::take(&mut edge.listeners);
         code
     })();
+    // Whether the start failed or the master ran and exited: leave nothing
+    // behind that is ours (a failed start must not leave a control socket or
+    // a pidfile that names a dead process).
     listeners.iter().for_each(Listener::cleanup);
+    control_socket.cleanup();
+    if let Some(p) = &pidfile
+        && std::fs::read_to_string(p).is_ok_and(|s| s.trim() == std::process::id().to_string())
+    {
+        let _ = std::fs::remove_file(p);
+    }
     result
 }
 
@@ -198,19 +207,15 @@ impl Edge {
             for sig in signals.take() {
                 match sig {
                     MasterSignal::Child => self.reap(&mut state),
-                    MasterSignal::Hup => {
-                        systemd::reloading();
-                        let reloaded = config::load(&self.overrides)
-                            .map(Arc::new)
-                            .map_err(|e| e.to_string().replace('\n', " "));
-                        self.execute(&mut state, Event::Reload(reloaded));
-                    }
+                    MasterSignal::Hup => self.reload(&mut state),
                     MasterSignal::Act(s) => self.execute(&mut state, Event::Signal(s)),
                 }
             }
             self.read_channels(&mut state);
             let now = clock::now();
-            control::serve_pending(&self.control, &state, &self.board, now);
+            if self.control.service(&state, &self.board, now).reload {
+                self.reload(&mut state);
+            }
             if let Some(every) = watchdog
                 && now.saturating_sub(last_watchdog) >= every
             {
@@ -233,12 +238,28 @@ impl Edge {
         }
     }
 
-    /// Sleep until a signal, a worker message, a status client, or the next tick.
+    /// HUP or `notesd reload`: re-read the config (with the same flags) and
+    /// let the state machine start a new generation, or refuse.
+    fn reload(&mut self, state: &mut State) {
+        let reloaded = config::load(&self.overrides)
+            .map(Arc::new)
+            .map_err(|e| e.to_string().replace('\n', " "));
+        self.execute(state, Event::Reload(reloaded));
+    }
+
+    /// Sleep until a signal, a worker message, a control client, or the next tick.
     fn wait(&self, signals: &Signals, tick: Duration) -> Result<(), MasterError> {
-        let mut fds = vec![
-            PollFd::new(signals.wake_fd(), PollFlags::POLLIN),
-            PollFd::new(self.control.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut fds = vec![PollFd::new(signals.wake_fd(), PollFlags::POLLIN)];
+        fds.extend(self.control.poll_fds().map(|(fd, write)| {
+            PollFd::new(
+                fd,
+                if write {
+                    PollFlags::POLLOUT
+                } else {
+                    PollFlags::POLLIN
+                },
+            )
+        }));
         fds.extend(
             self.channels
                 .values()
@@ -267,13 +288,15 @@ impl Edge {
             // Drain what the worker said before dying (e.g. its boot error).
             self.read_channel(state, pid);
             self.channels.remove(&pid);
-            let slot = state.worker(pid).map(|w| w.slot);
-            self.execute(state, Event::Exited { pid, how });
-            if let Some(slot) = slot
+            // Release the slot before the state machine hears of the exit: it
+            // may spawn the replacement into this very slot, which must then
+            // keep the replacement's pid and heartbeat.
+            if let Some(slot) = state.worker(pid).map(|w| w.slot)
                 && let Err(e) = self.board.release(slot)
             {
                 tracing::warn!(pid, slot, error = %e, "cannot release scoreboard slot");
             }
+            self.execute(state, Event::Exited { pid, how });
             self.board.set_restarts(state.restarts);
         }
     }
@@ -348,7 +371,9 @@ impl Edge {
                     silent_for,
                 } => self.timeout_kill(state, pid, slot, silent_for, now),
                 Action::Notify(Notify::Ready) => systemd::ready(&status_line(state)),
+                Action::Notify(Notify::Reloading) => systemd::reloading(),
                 Action::Notify(Notify::Stopping) => systemd::stopping(),
+                Action::ReloadDone(outcome) => self.control.reload_done(&outcome, clock::now()),
                 Action::ReopenLogs => crate::log::reopen(),
                 Action::Log(level, msg) => match level {
                     Level::Info => tracing::info!("{msg}"),
@@ -411,16 +436,6 @@ impl Edge {
         if line != self.last_status {
             systemd::status(&line);
             self.last_status = line;
-        }
-    }
-
-    fn cleanup(&mut self) {
-        self.listeners.iter().for_each(Listener::cleanup);
-        self.control_socket.cleanup();
-        if let Some(p) = &self.pidfile
-            && std::fs::read_to_string(p).is_ok_and(|s| s.trim() == std::process::id().to_string())
-        {
-            let _ = std::fs::remove_file(p);
         }
     }
 }
@@ -502,9 +517,29 @@ fn migrate_child(
         cmd.uid(c.uid).gid(c.gid);
     }
     tracing::info!("migrate_on_start: running `notesd migrate`");
-    match cmd.status() {
-        Ok(s) if s.success() => Ok(()),
-        Ok(s) => Err(MasterError::Migrate(format!("it exited with {s}"))),
-        Err(e) => Err(MasterError::Migrate(e.to_string())),
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| MasterError::Migrate(e.to_string()))?;
+    // A long migration must not look like a hung master to systemd's watchdog.
+    let watchdog = systemd::watchdog_interval();
+    let mut last_ping = clock::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => return Err(MasterError::Migrate(e.to_string())),
+        }
+        if let Some(every) = watchdog
+            && clock::now().saturating_sub(last_ping) >= every
+        {
+            last_ping = clock::now();
+            systemd::watchdog();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if status.success() {
+        Ok(())
+    } else {
+        Err(MasterError::Migrate(format!("it exited with {status}")))
     }
 }

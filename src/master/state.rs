@@ -92,7 +92,20 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Notify {
     Ready,
+    /// A reload has begun (RELOADING=1); a `Ready` always follows it.
+    Reloading,
     Stopping,
+}
+
+/// How a reload ended: what `notesd reload` waits for and reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// The new generation is ready and the old one has been told to stop.
+    Complete { generation: u32, workers: u32 },
+    /// Nothing was started: the new config is invalid, or the master is stopping.
+    Refused(String),
+    /// The new generation was started but will not serve; the old one keeps serving.
+    Abandoned(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +133,8 @@ pub enum Action {
         silent_for: Duration,
     },
     Notify(Notify),
+    /// A reload ended; answer whoever waits for it (`notesd reload`).
+    ReloadDone(ReloadOutcome),
     ReopenLogs,
     Log(Level, String),
     Exit(i32),
@@ -296,8 +311,11 @@ impl State {
             })
     }
 
+    /// A reload has started and not yet completed (or been abandoned). Old
+    /// workers still draining after it completed do not count: the service
+    /// is running again (and systemd has had its READY=1).
     fn reloading(&self) -> bool {
-        self.pending.is_some() || self.workers.values().any(|w| w.generation != self.current)
+        self.pending.is_some() || self.reload_in_progress
     }
 
     // ---- the decision function ----
@@ -374,6 +392,11 @@ impl State {
                     deadline: now + grace,
                     quick,
                 };
+                if std::mem::take(&mut self.reload_in_progress) {
+                    out.push(Action::ReloadDone(ReloadOutcome::Abandoned(
+                        "the master is shutting down".into(),
+                    )));
+                }
                 out.push(Action::Notify(Notify::Stopping));
                 let pids: Vec<Pid> = self.workers.keys().copied().collect();
                 for pid in pids {
@@ -414,8 +437,17 @@ impl State {
 
     fn on_reload(&mut self, result: Result<Arc<Config>, String>, out: &mut Vec<Action>) {
         if matches!(self.phase, Phase::Stopping { .. }) {
+            // No RELOADING=1 either: systemd is already waiting for the stop.
+            out.push(Action::Log(
+                Level::Warn,
+                "reload ignored: the master is shutting down".into(),
+            ));
+            out.push(Action::ReloadDone(ReloadOutcome::Refused(
+                "the master is shutting down".into(),
+            )));
             return;
         }
+        out.push(Action::Notify(Notify::Reloading));
         let config = match result {
             Ok(c) => c,
             Err(e) => {
@@ -427,6 +459,9 @@ impl State {
                     ),
                 ));
                 out.push(Action::Notify(Notify::Ready));
+                out.push(Action::ReloadDone(ReloadOutcome::Refused(format!(
+                    "invalid configuration: {e}"
+                ))));
                 return;
             }
         };
@@ -617,6 +652,10 @@ impl State {
                     self.send(pid, WorkerSig::Quit, now, out);
                 }
                 out.push(Action::Notify(Notify::Ready));
+                out.push(Action::ReloadDone(ReloadOutcome::Abandoned(format!(
+                    "generation {generation} cannot boot ({error}); generation {} keeps serving",
+                    self.current
+                ))));
             }
             return;
         }
@@ -654,7 +693,17 @@ impl State {
         }
     }
 
+    /// "Kill the stuck": a stalled master forgives, silent workers are
+    /// aborted, aborted or lingering ones are killed.
     fn on_tick(&mut self, heartbeats: &[(Pid, Duration)], now: Duration, out: &mut Vec<Action>) {
+        self.notice_master_stall(now, out);
+        self.abort_silent(heartbeats, now, out);
+        self.escalate_kills(now, out);
+    }
+
+    /// A master that was itself stopped (SIGSTOP, a frozen VM) gives every
+    /// worker a fresh timeout instead of mass-killing them on resume.
+    fn notice_master_stall(&mut self, now: Duration, out: &mut Vec<Action>) {
         if let Some(last) = self.last_tick {
             let stall = now.saturating_sub(last);
             let limit = (self.configs[&self.current].timeout() / 2).max(Duration::from_secs(2));
@@ -670,28 +719,49 @@ impl State {
             }
         }
         self.last_tick = Some(now);
-        for &(pid, beat) in heartbeats {
-            let Some(w) = self.workers.get(&pid) else {
-                continue;
-            };
-            let timeout = self.configs[&w.generation].timeout();
-            let seen = beat.max(self.resumed_at).max(w.spawned_at);
-            let silent = now.saturating_sub(seen);
-            if silent > timeout && !matches!(w.state, WorkerState::Killing { .. }) {
-                out.push(Action::TimeoutKill {
-                    pid,
-                    slot: w.slot,
-                    silent_for: silent,
-                });
-                self.set_state(
-                    pid,
-                    WorkerState::Killing {
-                        since: now,
-                        kill_sent: false,
-                    },
-                );
-            }
+    }
+
+    /// SIGABRT every worker whose heartbeat is older than its timeout.
+    fn abort_silent(
+        &mut self,
+        heartbeats: &[(Pid, Duration)],
+        now: Duration,
+        out: &mut Vec<Action>,
+    ) {
+        // Every worker is judged, not only those with a heartbeat: one whose
+        // scoreboard slot shows no beat (it never wrote one, or the slot is
+        // not its own) has been silent since it was spawned.
+        let beats: BTreeMap<Pid, Duration> = heartbeats.iter().copied().collect();
+        let silent: Vec<(Pid, u32, Duration)> = self
+            .workers
+            .values()
+            .filter(|w| !matches!(w.state, WorkerState::Killing { .. }))
+            .filter_map(|w| {
+                let beat = beats.get(&w.pid).copied().unwrap_or(Duration::ZERO);
+                let seen = beat.max(self.resumed_at).max(w.spawned_at);
+                let silent = now.saturating_sub(seen);
+                (silent > self.configs[&w.generation].timeout()).then_some((w.pid, w.slot, silent))
+            })
+            .collect();
+        for (pid, slot, silent_for) in silent {
+            out.push(Action::TimeoutKill {
+                pid,
+                slot,
+                silent_for,
+            });
+            self.set_state(
+                pid,
+                WorkerState::Killing {
+                    since: now,
+                    kill_sent: false,
+                },
+            );
         }
+    }
+
+    /// SIGKILL what did not exit after SIGABRT, what drained past
+    /// `graceful_timeout`, and everything once a shutdown's deadline passed.
+    fn escalate_kills(&mut self, now: Duration, out: &mut Vec<Action>) {
         let graceful =
             |w: &Worker, cfgs: &BTreeMap<u32, Arc<Config>>| cfgs[&w.generation].graceful_timeout();
         let mut kills = Vec::new();
@@ -834,6 +904,10 @@ impl State {
                 ),
             ));
             out.push(Action::Notify(Notify::Ready));
+            out.push(Action::ReloadDone(ReloadOutcome::Complete {
+                generation: self.current,
+                workers: ready,
+            }));
         }
     }
 

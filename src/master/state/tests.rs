@@ -493,3 +493,120 @@ fn usr1_reopens_everywhere() {
     assert!(acts.iter().any(|a| matches!(a, Action::ReopenLogs)));
     assert_eq!(signals(&acts, WorkerSig::Usr1).len(), 2);
 }
+
+fn reload_outcomes(actions: &[Action]) -> Vec<ReloadOutcome> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ReloadDone(o) => Some(o.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// D4: a worker whose scoreboard slot shows no heartbeat of its own (the
+/// edge once released a slot after respawning into it) is still timed out.
+#[test]
+fn a_worker_without_a_heartbeat_is_timed_out_from_its_spawn() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let [a, b] = sim.pids("ready")[..] else {
+        panic!("two workers")
+    };
+    sim.advance(11 * S);
+    // Only b's heartbeat is visible; a's slot does not show it.
+    let acts = sim.run(Event::Tick {
+        heartbeats: vec![(b, sim.now)],
+    });
+    let aborted: Vec<Pid> = acts
+        .iter()
+        .filter_map(|x| match x {
+            Action::TimeoutKill { pid, .. } => Some(*pid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(aborted, vec![a]);
+}
+
+#[test]
+fn a_reload_reports_complete_once_the_new_generation_serves() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let a = sim.run(Event::Reload(Ok(config(2))));
+    assert!(has_notify(&a, Notify::Reloading), "RELOADING=1 first");
+    assert!(
+        reload_outcomes(&a).is_empty(),
+        "not done before the new workers are ready"
+    );
+    sim.ready_all_booting();
+    assert_eq!(
+        reload_outcomes(&sim.log),
+        vec![ReloadOutcome::Complete {
+            generation: 2,
+            workers: 2
+        }]
+    );
+}
+
+#[test]
+fn a_superseded_reload_is_answered_by_the_one_that_completes() {
+    let mut sim = Sim::new(1);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    sim.run(Event::Reload(Ok(config(1))));
+    sim.run(Event::Reload(Ok(config(1))));
+    sim.ready_all_booting();
+    assert_eq!(
+        reload_outcomes(&sim.log),
+        vec![ReloadOutcome::Complete {
+            generation: 3,
+            workers: 1
+        }]
+    );
+}
+
+#[test]
+fn refused_and_abandoned_reloads_say_why() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let a = sim.run(Event::Reload(Err("server.workers: invalid type".into())));
+    assert!(
+        matches!(&reload_outcomes(&a)[..], [ReloadOutcome::Refused(m)] if m.contains("server.workers")),
+        "{a:?}"
+    );
+    sim.run(Event::Reload(Ok(config(2))));
+    let mut acts = Vec::new();
+    for pid in sim.pids("booting") {
+        acts.extend(sim.exit(pid, 3));
+    }
+    assert!(
+        matches!(&reload_outcomes(&acts)[..], [ReloadOutcome::Abandoned(m)] if m.contains("keeps serving")),
+        "{acts:?}"
+    );
+}
+
+#[test]
+fn a_shutdown_abandons_the_reload_and_a_reload_during_shutdown_is_refused() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    sim.run(Event::Reload(Ok(config(2))));
+    let a = sim.run(Event::Signal(Sig::Term));
+    assert!(
+        matches!(&reload_outcomes(&a)[..], [ReloadOutcome::Abandoned(m)] if m.contains("shutting down")),
+        "{a:?}"
+    );
+    let a = sim.run(Event::Reload(Ok(config(2))));
+    assert!(
+        !has_notify(&a, Notify::Reloading),
+        "no RELOADING=1 that no READY would follow: {a:?}"
+    );
+    assert!(matches!(
+        &reload_outcomes(&a)[..],
+        [ReloadOutcome::Refused(_)]
+    ));
+    assert!(!a.iter().any(|x| matches!(x, Action::Spawn { .. })));
+}
