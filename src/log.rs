@@ -6,6 +6,13 @@
 //! is there. `log.file`, when set, wins: lines are appended to it and USR1
 //! reopens it (for logrotate). Every line carries the process role and pid
 //! through a root span entered for the process' lifetime.
+//!
+//! In the journal, access lines (target [`ACCESS_TARGET`]) go with priority 7
+//! (debug) and identifier `notesd-access`; everything else with the usual
+//! priorities (info → 5, notice) and identifier `notesd`. journald rate-limits
+//! each unit per priority class, so a flood of access lines under load uses up
+//! only the debug class and can never cost the master's lifecycle lines
+//! ("reload complete", timeouts, boot failures).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -19,6 +26,9 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogConfig;
+
+/// The tracing target of the per-request access lines.
+pub const ACCESS_TARGET: &str = "access";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -128,6 +138,24 @@ where
     }
 }
 
+/// Two journald writers: access lines at priority 7 as `notesd-access`, the
+/// rest at the usual priorities as `notesd` (see the module doc for why).
+fn journald_layer() -> io::Result<BoxLayer> {
+    use tracing_journald::{Priority, PriorityMappings};
+    use tracing_subscriber::filter::filter_fn;
+    let lifecycle = tracing_journald::layer()?
+        .with_syslog_identifier("notesd".into())
+        .with_filter(filter_fn(|m| m.target() != ACCESS_TARGET));
+    let access = tracing_journald::layer()?
+        .with_syslog_identifier("notesd-access".into())
+        .with_priority_mappings(PriorityMappings {
+            info: Priority::Debug,
+            ..PriorityMappings::new()
+        })
+        .with_filter(filter_fn(|m| m.target() == ACCESS_TARGET));
+    Ok(lifecycle.and_then(access).boxed())
+}
+
 /// Install the global subscriber. Returns a warning to log once logging is up
 /// (e.g. journald was asked for but is not there).
 pub fn init(config: &LogConfig) -> Result<Option<String>, LogError> {
@@ -155,8 +183,8 @@ pub fn init(config: &LogConfig) -> Result<Option<String>, LogError> {
             _ => false,
         };
         let journal = if want_journal {
-            match tracing_journald::layer() {
-                Ok(l) => Some(l.with_syslog_identifier("notesd".into()).boxed()),
+            match journald_layer() {
+                Ok(l) => Some(l),
                 Err(e) => {
                     warning = Some(format!(
                         "journald is not available ({e}); logging to stderr"

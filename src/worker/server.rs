@@ -338,23 +338,108 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         shared.channel.send(&ToMaster::Retire { requests: served });
     }
     if let Some(uri) = logged_uri {
-        tracing::info!(
-            target: "access",
-            method = %method,
-            path = %uri.path(),
-            status = resp.status().as_u16(),
-            bytes = resp.body().size_hint().exact().unwrap_or(0),
-            duration_ms = format_args!("{:.3}", started.elapsed().as_secs_f64() * 1000.0),
+        log_access(&AccessLine {
+            method: &method,
+            path: uri.path(),
+            status: resp.status().as_u16(),
+            bytes: resp.body().size_hint().exact().unwrap_or(0),
+            elapsed: started.elapsed(),
             pid,
-            request_id = request_id.to_str().unwrap_or(""),
-        );
+            request_id: request_id.to_str().unwrap_or(""),
+        });
     }
     resp
+}
+
+/// One access-log line's contents.
+struct AccessLine<'a> {
+    method: &'a hyper::Method,
+    path: &'a str,
+    status: u16,
+    bytes: u64,
+    elapsed: Duration,
+    pid: u32,
+    request_id: &'a str,
+}
+
+/// The access line: a message (what `journalctl` shows as MESSAGE) and the
+/// same facts as fields (for JSON logs and journal queries).
+fn log_access(a: &AccessLine<'_>) {
+    let ms = a.elapsed.as_secs_f64() * 1000.0;
+    tracing::info!(
+        target: crate::log::ACCESS_TARGET,
+        method = %a.method,
+        path = a.path,
+        status = a.status,
+        bytes = a.bytes,
+        duration_ms = format_args!("{ms:.3}"),
+        pid = a.pid,
+        request_id = a.request_id,
+        "{} {} {} {ms:.3}ms",
+        a.method,
+        a.path,
+        a.status,
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records every event's fields as `name=value` strings.
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Fields(Vec<String>);
+            impl tracing::field::Visit for Fields {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    self.0.push(format!("{}={v:?}", f.name()));
+                }
+            }
+            let mut fields = Fields(Vec::new());
+            event.record(&mut fields);
+            if let Ok(mut events) = self.0.lock() {
+                events.push(fields.0);
+            }
+        }
+    }
+
+    /// D5: journald shows an entry's MESSAGE; an access line must have one
+    /// that says what happened, not only structured fields.
+    #[test]
+    fn the_access_line_has_a_message_naming_method_path_and_status() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry().with(Capture(events.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            log_access(&AccessLine {
+                method: &hyper::Method::POST,
+                path: "/api/notes",
+                status: 201,
+                bytes: 9,
+                elapsed: Duration::from_micros(1500),
+                pid: 42,
+                request_id: "rid-1",
+            });
+        });
+        let events = events.lock().expect("lock");
+        let [fields] = &events[..] else {
+            panic!("one event: {events:?}")
+        };
+        let message = fields
+            .iter()
+            .find(|f| f.starts_with("message="))
+            .unwrap_or_else(|| panic!("no message field: {fields:?}"));
+        assert!(message.contains("POST /api/notes 201 1.500ms"), "{message}");
+        for f in ["status=201", "request_id=\"rid-1\"", "pid=42"] {
+            assert!(fields.iter().any(|x| x == f), "{f} in {fields:?}");
+        }
+    }
 
     #[test]
     fn jitter_stays_in_range() {
