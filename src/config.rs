@@ -72,7 +72,7 @@ pub struct DatabaseConfig {
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
-            url: "postgres:///notesd?host=/run/postgresql".into(),
+            url: "postgres:///notesd?host=/run/postgresql&user=notesd".into(),
             max_connections: 4,
             migrate_on_start: false,
         }
@@ -259,6 +259,7 @@ pub enum Backend {
 impl Backend {
     pub fn from_url(url: &str) -> Result<Backend, String> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            check_postgres_url(url)?;
             Ok(Backend::Postgres)
         } else if url.starts_with("sqlite:") {
             if url.contains(":memory:") || url.contains("mode=memory") {
@@ -273,6 +274,27 @@ impl Backend {
             Err("must start with postgres://, postgresql:// or sqlite:".into())
         }
     }
+}
+
+/// What sqlx (built without whoami's OS support) logs in as when a URL names
+/// no user and PGUSER is unset.
+const SQLX_DEFAULT_ROLE: &str = "anonymous";
+
+/// A PostgreSQL URL must parse and name its role: unlike libpq, sqlx does not
+/// take the role from the OS user, so `postgres:///notesd?host=/run/postgresql`
+/// logs in as "anonymous" and fails at the first start.
+fn check_postgres_url(url: &str) -> Result<(), String> {
+    use std::str::FromStr;
+    let options = sqlx::postgres::PgConnectOptions::from_str(url)
+        .map_err(|e| format!("not a valid PostgreSQL URL: {e}"))?;
+    if options.get_username() == SQLX_DEFAULT_ROLE && !url.contains(SQLX_DEFAULT_ROLE) {
+        return Err(format!(
+            "names no database role, and sqlx does not take it from the OS user: it would log in \
+             as {SQLX_DEFAULT_ROLE:?}; name it, as in postgres:///notesd?host=/run/postgresql&user=notesd \
+             or postgres://notesd@db.example.internal/notesd (or set PGUSER)"
+        ));
+    }
+    Ok(())
 }
 
 impl Config {
@@ -634,7 +656,10 @@ mod tests {
     fn empty_file_takes_documented_defaults() {
         let c = parse("").expect("empty file is valid");
         assert_eq!(c.server, ServerConfig::default());
-        assert_eq!(c.database.url, "postgres:///notesd?host=/run/postgresql");
+        assert_eq!(
+            c.database.url,
+            "postgres:///notesd?host=/run/postgresql&user=notesd"
+        );
         assert!(!c.database.migrate_on_start);
         assert!(c.validate().is_empty(), "{:?}", c.validate());
     }
@@ -722,10 +747,55 @@ mod tests {
 
     #[test]
     fn backends() {
-        assert_eq!(Backend::from_url("postgres://x/y"), Ok(Backend::Postgres));
+        assert_eq!(Backend::from_url("postgres://u@x/y"), Ok(Backend::Postgres));
+        assert_eq!(
+            Backend::from_url("postgresql:///y?host=/run/postgresql&user=u"),
+            Ok(Backend::Postgres)
+        );
+        assert!(Backend::from_url("postgres://x:notaport/y").is_err());
         assert_eq!(Backend::from_url("sqlite:./a.db"), Ok(Backend::Sqlite));
         assert!(Backend::from_url("sqlite::memory:").is_err());
         assert!(Backend::from_url("mysql://x").is_err());
+    }
+
+    /// D1: a PostgreSQL URL without a role logs in as "anonymous" with sqlx,
+    /// which no `createuser` ever made; `check` says so instead of the first start failing.
+    #[test]
+    fn a_postgres_url_without_a_role_is_a_problem_naming_the_fix() {
+        if std::env::var_os("PGUSER").is_some() {
+            eprintln!("SKIP: PGUSER is set, so a URL without a user is fine here");
+            return;
+        }
+        for url in [
+            "postgres:///notesd?host=/run/postgresql",
+            "postgres://db.example.internal/notesd",
+        ] {
+            let e = Backend::from_url(url).expect_err(url);
+            assert!(
+                e.contains("\"anonymous\"") && e.contains("user=notesd"),
+                "{url}: {e}"
+            );
+        }
+    }
+
+    /// D1: the packaged production config names the role the package's
+    /// system user maps to (the README's `createuser notesd`).
+    #[test]
+    fn the_packaged_config_is_valid_and_names_the_notesd_role() {
+        use std::str::FromStr;
+        let packaged = include_str!("../conf/notesd.toml");
+        let c = parse(packaged).expect("conf/notesd.toml parses");
+        assert_eq!(c.database.url, DatabaseConfig::default().url);
+        let problems = c.validate();
+        let own = problems.iter().filter(|p| p.key.starts_with("database."));
+        assert_eq!(own.count(), 0, "{problems:?}");
+        let options = sqlx::postgres::PgConnectOptions::from_str(&c.database.url).expect("url");
+        assert_eq!(options.get_username(), "notesd");
+        let sysusers = include_str!("../packaging/notesd.sysusers");
+        assert!(
+            sysusers.lines().any(|l| l.starts_with("u notesd ")),
+            "the package's system user is notesd: {sysusers}"
+        );
     }
 
     #[test]

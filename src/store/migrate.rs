@@ -194,13 +194,24 @@ const MIGRATE_LOCK_KEY: i64 = 0x6e6f_7465_7364_0001;
 
 async fn apply(store: &Store) -> Result<Vec<i64>, StoreError> {
     let rows = applied(store).await?;
-    if let state @ SchemaState::Ahead { .. } = compare(&rows) {
-        return Err(StoreError::Schema(state.problem()));
+    match compare(&rows) {
+        state @ SchemaState::Ahead { .. } => return Err(StoreError::Schema(state.problem())),
+        // Nothing to do: not even the migrator's CREATE TABLE IF NOT EXISTS,
+        // whose "already exists, skipping" notice would end up in every start's log.
+        SchemaState::Current => return Ok(Vec::new()),
+        _ => {}
     }
     let before: Vec<i64> = rows.iter().map(|r| r.0).collect();
     let migrator = migrator(store.backend());
     match store {
-        Store::Postgres(p) => migrator.run(&mut *p.acquire().await?).await?,
+        Store::Postgres(p) => {
+            let mut c = p.acquire().await?;
+            // The migrator's IF NOT EXISTS notices are noise, not news.
+            sqlx::query("SET client_min_messages = warning")
+                .execute(&mut *c)
+                .await?;
+            migrator.run(&mut *c).await?;
+        }
         Store::Sqlite(p) => migrator.run(&mut *p.acquire().await?).await?,
     }
     let after: Vec<i64> = applied(store).await?.iter().map(|r| r.0).collect();
