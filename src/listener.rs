@@ -108,7 +108,7 @@ pub fn bind_unix(path: &Path, o: UnixOptions) -> Result<Listener, ListenError> {
         Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => return Err(ListenError::Live(path.to_path_buf())),
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                tracing::info!(socket = %shown, "removing stale socket file");
+                tracing::info!("removing stale socket file {shown}");
                 std::fs::remove_file(path).map_err(|e| io_err("removing stale", &shown, e))?;
             }
             Err(e) => return Err(io_err("probing", &shown, e)),

@@ -67,10 +67,10 @@ pub fn reopen() {
                 if let Ok(mut guard) = lf.file.lock() {
                     *guard = f;
                 }
-                tracing::info!(path = %lf.path.display(), "log file reopened");
+                tracing::info!("log file {} reopened", lf.path.display());
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot reopen log file; still writing to the old one")
+                tracing::error!("cannot reopen the log file, still writing to the old one: {e}")
             }
         }
     }

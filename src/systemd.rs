@@ -6,7 +6,7 @@ use sd_notify::NotifyState;
 
 fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!(error = %e, "sd_notify failed");
+        tracing::warn!("sd_notify failed: {e}");
     }
 }
 

@@ -83,10 +83,10 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         if e.is_unavailable() {
-            tracing::warn!(error = %e, "database unavailable");
+            tracing::warn!("database unavailable: {e}");
             ApiError::Unavailable
         } else {
-            tracing::error!(error = %e, "database error");
+            tracing::error!("database error: {e}");
             ApiError::Internal
         }
     }

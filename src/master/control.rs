@@ -201,7 +201,7 @@ impl Control {
             match self.clients[i].read_request() {
                 Some(Ok(command)) => self.dispatch(i, command, state, board, now, &mut requests),
                 Some(Err(unknown)) => {
-                    tracing::warn!(request = %unknown.escape_debug(), "control socket: unknown request");
+                    tracing::warn!("control socket: unknown request {:?}", unknown);
                     self.clients[i].answer(
                         &ReloadAnswer::failed(format!(
                             "unknown request {unknown:?} (expected \"status\" or \"reload\")"
@@ -240,7 +240,7 @@ impl Control {
                 }
                 Ok((stream, _)) => {
                     if let Err(e) = stream.set_nonblocking(true) {
-                        tracing::warn!(error = %e, "control socket: cannot make a client non-blocking");
+                        tracing::warn!("control socket: cannot make a client non-blocking: {e}");
                         continue;
                     }
                     let uid = nix::sys::socket::getsockopt(
@@ -258,7 +258,7 @@ impl Control {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept failed");
+                    tracing::warn!("control socket: accept failed: {e}");
                     return;
                 }
             }
@@ -346,7 +346,7 @@ impl Client {
                 self.deadline = Some(now + IO_DEADLINE);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "control socket: cannot encode the answer");
+                tracing::warn!("control socket: cannot encode the answer: {e}");
                 self.phase = Phase::Done;
             }
         }

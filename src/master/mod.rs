@@ -138,14 +138,23 @@ pub fn run(config: Config, overrides: Overrides) -> Result<i32, MasterError> {
         if let Some(p) = &pidfile {
             write_pidfile(p)?;
         }
+        // All in the message: that is what `journalctl` shows.
         tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
-            config = %config.source,
-            listen = %listeners.iter().map(|l| l.bind.to_string()).collect::<Vec<_>>().join(" "),
-            socket_activation = activated,
-            workers = config.worker_count(),
-            exe = %exe.display(),
-            "master starting"
+            "master starting: notesd {}, listening on {} ({}), {} worker(s), config {}, workers exec {}",
+            env!("CARGO_PKG_VERSION"),
+            listeners
+                .iter()
+                .map(|l| l.bind.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            if activated {
+                "sockets from systemd: socket activation"
+            } else {
+                "bound by notesd"
+            },
+            config.worker_count(),
+            config.source,
+            exe.display(),
         );
         let signals = Signals::register()?;
         let slots = 2 * config::MAX_WORKERS + 16;
@@ -294,7 +303,7 @@ impl Edge {
             if let Some(slot) = state.worker(pid).map(|w| w.slot)
                 && let Err(e) = self.board.release(slot)
             {
-                tracing::warn!(pid, slot, error = %e, "cannot release scoreboard slot");
+                tracing::warn!("cannot release scoreboard slot {slot} of worker {pid}: {e}");
             }
             self.execute(state, Event::Exited { pid, how });
             self.board.set_restarts(state.restarts);
@@ -326,11 +335,11 @@ impl Edge {
                 }
                 Ok(n) => match ipc::decode::<ToMaster>(&buf[..n]) {
                     Ok(msg) => self.execute(state, Event::Message { pid, msg }),
-                    Err(e) => tracing::warn!(pid, error = %e, "undecodable message from worker"),
+                    Err(e) => tracing::warn!("undecodable message from worker {pid}: {e}"),
                 },
                 Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => return,
                 Err(e) => {
-                    tracing::warn!(pid, error = %e, "worker channel failed");
+                    tracing::warn!("the channel to worker {pid} failed: {e}");
                     self.channels.remove(&pid);
                     return;
                 }
@@ -362,7 +371,7 @@ impl Edge {
                     if let Err(e) = kill(NixPid::from_raw(pid), signal)
                         && e != nix::Error::ESRCH
                     {
-                        tracing::warn!(pid, error = %e, "cannot signal worker");
+                        tracing::warn!("cannot signal worker {pid}: {e}");
                     }
                 }
                 Action::TimeoutKill {
@@ -424,7 +433,7 @@ impl Edge {
         if let Err(e) = kill(NixPid::from_raw(pid), Signal::SIGABRT)
             && e != nix::Error::ESRCH
         {
-            tracing::warn!(pid, error = %e, "cannot SIGABRT worker");
+            tracing::warn!("cannot SIGABRT worker {pid}: {e}");
         }
     }
 
@@ -478,8 +487,7 @@ fn resolve_creds(config: &Config) -> Result<Option<Creds>, MasterError> {
     };
     if !nix::unistd::geteuid().is_root() {
         tracing::warn!(
-            user,
-            "server.user is set but notesd is not running as root; ignoring it"
+            "server.user ({user}) is set but notesd is not running as root; ignoring it"
         );
         return Ok(None);
     }

@@ -113,7 +113,7 @@ macro_rules! with_conn {
         loop {
             match with_conn!(@run acquire, $store, |$conn, $sql, $note| $body) {
                 Err(e) if !retried && health::broken(&e) => {
-                    tracing::info!(error = %e, "database connection broke; retrying the read");
+                    tracing::info!("database connection broke, retrying the read: {e}");
                     health::broke();
                     retried = true;
                 }

@@ -143,7 +143,7 @@ impl<C: Connection> Pool<C> {
                 // Nothing was sent on it yet: safe to try the next one, which
                 // is now suspect too.
                 health::broke();
-                tracing::info!(error = %e, "discarding a broken database connection");
+                tracing::info!("discarding a broken database connection: {e}");
                 continue;
             }
             return Ok(Conn::new(idle.conn, idle.opened, permit, self));

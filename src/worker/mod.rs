@@ -61,10 +61,10 @@ impl Channel {
                     &bytes,
                     MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
                 ) {
-                    tracing::warn!(error = %e, "cannot tell the master {msg:?}");
+                    tracing::warn!("cannot tell the master {msg:?}: {e}");
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot encode {msg:?}"),
+            Err(e) => tracing::warn!("cannot encode {msg:?}: {e}"),
         }
     }
 
@@ -188,7 +188,7 @@ pub fn run() -> i32 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            tracing::error!(error = %e, "cannot build the runtime");
+            tracing::error!("cannot build the runtime: {e}");
             return ipc::EXIT_BOOT_FAILED;
         }
     };
@@ -246,7 +246,7 @@ async fn serve(config: Arc<Config>, inherited: Inherited) -> i32 {
             }
         },
         why = life.stopped() => {
-            tracing::info!(?why, "stopped while booting");
+            tracing::info!("stopped while booting ({why:?})");
             return ipc::EXIT_OK;
         }
     };

@@ -206,7 +206,7 @@ pub async fn run(shared: Arc<Shared>, listeners: Vec<Listener>, life: Lifecycle)
     }
     let grace = shared.config.graceful_timeout();
     let open = shared.connections.load(Ordering::Acquire);
-    tracing::info!(?why, connections = open, "draining");
+    tracing::info!("draining ({why:?}) with {open} connection(s) open");
     let drained = tokio::time::timeout(grace, async {
         loop {
             let idle = shared.idle.notified();
@@ -219,8 +219,8 @@ pub async fn run(shared: Arc<Shared>, listeners: Vec<Listener>, life: Lifecycle)
     tokio::select! {
         r = drained => if r.is_err() {
             tracing::warn!(
-                connections = shared.connections.load(Ordering::Acquire),
-                "graceful_timeout reached with connections still open; closing them"
+                "graceful_timeout reached with {} connection(s) still open; closing them",
+                shared.connections.load(Ordering::Acquire)
             );
         },
         _ = life.stopped_now() => {}
@@ -242,7 +242,7 @@ async fn accept_loop(l: Listener, shared: Arc<Shared>, builder: Arc<http1::Build
             Ok(Conn::Tcp(s)) => spawn_conn(TokioIo::new(s), &shared, &builder),
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                tracing::warn!("accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
