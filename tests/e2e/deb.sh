@@ -142,6 +142,7 @@ expected_files=(
     /usr/lib/systemd/system/notesd.service
     /usr/lib/systemd/system/notesd.socket
     /usr/lib/sysusers.d/notesd.conf
+    /usr/lib/tmpfiles.d/notesd.conf
     /usr/share/man/man1/notesd.1.gz
     /usr/share/man/man1/notesd-serve.1.gz
     /usr/share/man/man1/notesd-migrate.1.gz
@@ -156,7 +157,7 @@ for f in "${expected_files[@]}"; do
 done
 grep -q '^-rwxr-xr-x 0/0 /usr/bin/notesd$' "$T/contents" || fail "/usr/bin/notesd is not 0755 root:root"
 grep -q '^-rw-r----- 0/0 /etc/notesd/notesd.toml$' "$T/contents" || fail "notesd.toml is not shipped 0640"
-unexpected=$(awk '$1 !~ /^d/ {print $3}' "$T/contents" | grep -Ev '^/(usr/bin/notesd|etc/notesd/notesd\.toml|etc/nginx/sites-available/notesd|usr/lib/systemd/system/notesd\.(service|socket)|usr/lib/sysusers\.d/notesd\.conf|usr/share/man/man1/notesd[a-z-]*\.1\.gz|usr/share/(bash-completion|zsh|fish)/.*notesd.*|usr/share/doc/notesd/.*)$' || true)
+unexpected=$(awk '$1 !~ /^d/ {print $3}' "$T/contents" | grep -Ev '^/(usr/bin/notesd|etc/notesd/notesd\.toml|etc/nginx/sites-available/notesd|usr/lib/systemd/system/notesd\.(service|socket)|usr/lib/(sysusers|tmpfiles)\.d/notesd\.conf|usr/share/man/man1/notesd[a-z-]*\.1\.gz|usr/share/(bash-completion|zsh|fish)/.*notesd.*|usr/share/doc/notesd/.*)$' || true)
 [[ -z $unexpected ]] || fail "unexpected files in the package: $unexpected"
 measured "files in the package" "$(awk '$1 !~ /^d/' "$T/contents" | wc -l)"
 measured "/usr/bin/notesd in the package" "$(dpkg-deb -c "$DEB" | awk '$6 == "./usr/bin/notesd" {print $3}') bytes (stripped; debug info in the -dbgsym .ddeb)"
@@ -282,9 +283,13 @@ done < <(unit_values "$SERVICE" Service Environment)
 
 # An Exec*= line as an argv (one word per line): strip the "-" prefix (refuse
 # the privileged ones, +!@:), substitute $MAINPID and the unit's Environment=.
-exec_argv() { # exec_argv KEY [MAINPID]
+exec_argv() { # exec_argv KEY [MAINPID [N]]: the only KEY= line, or the N-th (1-based)
     local lines line
     lines=$(unit_values "$SERVICE" Service "$1")
+    if [[ -n ${3:-} ]]; then
+        lines=$(sed -n "${3}p" <<<"$lines")
+        [[ -n $lines ]] || fail "no $1= line number $3 in $SERVICE"
+    fi
     [[ $(grep -c . <<<"$lines") == 1 ]] || fail "expected exactly one $1= in $SERVICE, got: $lines"
     line=${lines#-}
     [[ $line =~ ^[@:+!] ]] && fail "$1=$lines: prefix not supported by this test"
@@ -302,7 +307,7 @@ mapfile -t EXEC_PRE < <(exec_argv ExecStartPre)
 mapfile -t EXEC_START < <(exec_argv ExecStart)
 measured "unit" "User=$U_USER Group=$U_GROUP SupplementaryGroups=$U_SUPP UMask=$U_UMASK"
 measured "" "RuntimeDirectory=$U_RUNDIR ($U_RUNMODE) StateDirectory=$U_STATEDIR Environment=${U_ENV[*]}"
-measured "" "ExecStartPre=${EXEC_PRE[*]} | ExecStart=${EXEC_START[*]} | ExecReload=$(unit_values "$SERVICE" Service ExecReload)"
+measured "" "ExecStartPre=${EXEC_PRE[*]} | ExecStart=${EXEC_START[*]} | ExecReload=$(unit_values "$SERVICE" Service ExecReload | paste -sd";")"
 
 # Run a command as the unit runs its Exec lines: its user, groups, umask, working
 # directory and environment, no new privileges, no capabilities. Call it in a
@@ -501,12 +506,12 @@ measured "request id, limits" "X-Request-Id kept/added ($rid), /metrics 200 loca
 # curl loop writes them (10/s, under the write rate limit) through nginx.
 # Every request must succeed; prints requests, failures, time to new generation.
 reload_under_load() { # reload_under_load LABEL
-    local label=$1 gen0 gen1 pids0 reload_ms t0 w
+    local label=$1 gen0 gen1 pids0 reload_ms t0 w i n_reload
     local -a reload
     STATUS=$(status_json) || fail "status"
     gen0=$(jq .generation <<<"$STATUS")
     pids0=$(jq -r '[.workers[].pid] | sort | join(" ")' <<<"$STATUS")
-    mapfile -t reload < <(exec_argv ExecReload "$MASTER")
+    n_reload=$(unit_values "$SERVICE" Service ExecReload | grep -c .)
     rm -f "$T"/load.*
     touch "$T/load.on"
     LOAD_PIDS=()
@@ -531,7 +536,11 @@ reload_under_load() { # reload_under_load LABEL
     LOAD_PIDS+=($!)
     sleep 2
     t0=$(now_ms)
-    as_unit "${reload[@]}" || fail "ExecReload (${reload[*]}) failed"
+    # Every ExecReload= line in order, as systemd runs them (each must succeed).
+    for ((i = 1; i <= n_reload; i++)); do
+        mapfile -t reload < <(exec_argv ExecReload "$MASTER" "$i")
+        as_unit "${reload[@]}" || fail "ExecReload (${reload[*]}) failed"
+    done
     # Serving: the new generation's workers are all ready. Done: the old ones
     # have drained and exited (idle keep-alive connections end when nginx's
     # upstream keepalive_timeout closes them, so this takes a few seconds).
@@ -772,7 +781,7 @@ if command -v systemd-socket-activate >/dev/null; then
     first_ms=$(($(now_ms) - t0))
     [[ $code == 200 ]] || fail "through nginx on the activated socket: $code"
     wait_generation "" 30 >/dev/null || fail "socket-activated notesd did not get ready"
-    grep -q 'socket_activation=true' "$T/notesd-activated.log" || fail "notesd did not adopt LISTEN_FDS: $(tail -n 5 "$T/notesd-activated.log")"
+    grep -q 'socket activation' "$T/notesd-activated.log" || fail "notesd did not adopt LISTEN_FDS: $(tail -n 5 "$T/notesd-activated.log")"
     kill -TERM "$MASTER"
     for _ in $(seq 450); do kill -0 "$MASTER" 2>/dev/null || break; sleep 0.1; done
     rc=0
