@@ -312,14 +312,17 @@ fn generate_assets(out: &std::path::Path) -> std::io::Result<()> {
 }
 
 async fn migrate(cfg: &Config, status_only: bool) -> anyhow::Result<i32> {
+    // SQLite: serialize with any other migrate before even connecting (held to the end).
+    let _lock = match sqlite_file(cfg) {
+        Some(db) => Some(store::migrate::lock_sqlite(&db).context("migrate")?),
+        None => None,
+    };
     let store = Store::connect(&cfg.database, Purpose::Migrate, Duration::from_secs(10))
         .await
         .context("migrate")?;
     let target = store::redact(&cfg.database.url);
     if !status_only {
-        let applied = store::migrate::run(&store, sqlite_file(cfg).as_deref())
-            .await
-            .context("migrate")?;
+        let applied = store::migrate::run(&store).await.context("migrate")?;
         if applied.is_empty() {
             println!("notesd: {target}: schema is up to date");
         } else {

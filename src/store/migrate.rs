@@ -1,9 +1,12 @@
 //! Embedded migrations (`migrations/postgres/`, `migrations/sqlite/`), applied
 //! with sqlx's migrator and read back for the schema check.
 //!
-//! Two `notesd migrate` at once: PostgreSQL serializes them with sqlx's
-//! advisory lock; SQLite has no such lock, so an exclusive `flock` on
-//! `<database>.migrate.lock` beside the file does the same.
+//! Two `notesd migrate` at once: PostgreSQL serializes them with an advisory
+//! lock; SQLite has no such lock, so an exclusive `flock` on
+//! `<database>.migrate.lock` beside the file does the same, taken before the
+//! first connection ([`lock_sqlite`]): two processes that open a fresh file
+//! and switch it to WAL at the same moment make one of them fail with
+//! "database is locked" (SQLite returns BUSY there without waiting).
 
 use std::borrow::Cow;
 
@@ -158,10 +161,8 @@ fn compare(rows: &[(i64, bool, String)]) -> SchemaState {
 }
 
 /// Apply pending migrations; returns the versions applied by this call.
-pub async fn run(
-    store: &Store,
-    sqlite_path: Option<&std::path::Path>,
-) -> Result<Vec<i64>, StoreError> {
+/// On SQLite the caller holds [`lock_sqlite`] from before it connected.
+pub async fn run(store: &Store) -> Result<Vec<i64>, StoreError> {
     // The whole read-apply-read runs under one lock, so of two concurrent
     // migrates exactly one reports the migrations as applied by it.
     match store {
@@ -179,13 +180,7 @@ pub async fn run(
                 .await;
             result
         }
-        Store::Sqlite(_) => {
-            let _lock = match sqlite_path {
-                Some(path) => Some(lock_file(path)?),
-                None => None,
-            };
-            apply(store).await
-        }
+        Store::Sqlite(_) => apply(store).await,
     }
 }
 
@@ -219,7 +214,7 @@ async fn apply(store: &Store) -> Result<Vec<i64>, StoreError> {
 }
 
 /// Exclusive flock on `<db>.migrate.lock`, held until the returned file drops.
-fn lock_file(db: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
+pub fn lock_sqlite(db: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
     let mut name = db.as_os_str().to_owned();
     name.push(".migrate.lock");
     let path = std::path::PathBuf::from(name);
