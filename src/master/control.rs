@@ -23,6 +23,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
+use nix::poll::PollFlags;
 use serde::{Deserialize, Serialize};
 
 use crate::ipc;
@@ -183,13 +184,19 @@ impl Control {
         }
     }
 
-    /// The fds to poll, with whether each wants to write (else read).
-    pub fn poll_fds(&self) -> impl Iterator<Item = (BorrowedFd<'_>, bool)> {
-        std::iter::once((self.listener.as_fd(), false)).chain(
-            self.clients
-                .iter()
-                .map(|c| (c.stream.as_fd(), matches!(c.phase, Phase::Writing { .. }))),
-        )
+    /// The fds to poll and what to wait for on each. A client awaiting its
+    /// reload waits for nothing but a hang-up (always reported): bytes it
+    /// might send are not read, and must not keep waking the master.
+    pub fn poll_fds(&self) -> impl Iterator<Item = (BorrowedFd<'_>, PollFlags)> {
+        let listener = (self.listener.as_fd(), PollFlags::POLLIN);
+        std::iter::once(listener).chain(self.clients.iter().map(|c| {
+            let events = match c.phase {
+                Phase::Reading(_) => PollFlags::POLLIN,
+                Phase::Writing { .. } => PollFlags::POLLOUT,
+                Phase::AwaitingReload | Phase::Done => PollFlags::empty(),
+            };
+            (c.stream.as_fd(), events)
+        }))
     }
 
     /// Accept, read requests, answer `status`, write pending answers, drop

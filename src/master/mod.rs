@@ -259,16 +259,11 @@ impl Edge {
     /// Sleep until a signal, a worker message, a control client, or the next tick.
     fn wait(&self, signals: &Signals, tick: Duration) -> Result<(), MasterError> {
         let mut fds = vec![PollFd::new(signals.wake_fd(), PollFlags::POLLIN)];
-        fds.extend(self.control.poll_fds().map(|(fd, write)| {
-            PollFd::new(
-                fd,
-                if write {
-                    PollFlags::POLLOUT
-                } else {
-                    PollFlags::POLLIN
-                },
-            )
-        }));
+        fds.extend(
+            self.control
+                .poll_fds()
+                .map(|(fd, events)| PollFd::new(fd, events)),
+        );
         fds.extend(
             self.channels
                 .values()
