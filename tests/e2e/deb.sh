@@ -116,18 +116,9 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- build
-if [[ -n ${NOTESD_E2E_DEB:-} ]]; then
-    DEB=$NOTESD_E2E_DEB
-else
-    say "building the .deb (packaging/build-deb.sh)"
-    timeout 1800 bash packaging/build-deb.sh >"$T/build.log" 2>&1 || {
-        tail -n 40 "$T/build.log"
-        fail "packaging/build-deb.sh failed"
-    }
-    DEB=$(ls -t target/debian/notesd_*.deb | head -n1)
-fi
-[[ -f $DEB ]] || fail "no .deb at $DEB"
-DEB=$(realpath "$DEB")
+# shellcheck source=tests/e2e/lib.sh
+source tests/e2e/lib.sh
+DEB=$(e2e_deb)
 say "package $DEB"
 measured ".deb size" "$(stat -c %s "$DEB") bytes ($(du -h "$DEB" | cut -f1))"
 [[ $(dpkg-deb -f "$DEB" Package) == notesd ]] || fail "not the notesd package"

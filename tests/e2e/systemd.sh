@@ -107,18 +107,9 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- the package
-if [[ -n ${NOTESD_E2E_DEB:-} ]]; then
-    DEB=$NOTESD_E2E_DEB
-else
-    say "building the .deb (packaging/build-deb.sh)"
-    timeout 1800 bash packaging/build-deb.sh >"$T/build.log" 2>&1 || {
-        tail -n 40 "$T/build.log"
-        fail "packaging/build-deb.sh failed"
-    }
-    DEB=$(ls -t target/debian/notesd_*.deb | head -n1)
-fi
-[[ -f $DEB ]] || fail "no .deb at $DEB"
-DEB=$(realpath "$DEB")
+# shellcheck source=tests/e2e/lib.sh
+source tests/e2e/lib.sh
+DEB=$(e2e_deb)
 DEB_NAME=$(basename "$DEB")
 say "package $DEB_NAME"
 
