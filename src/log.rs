@@ -17,6 +17,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use tracing_subscriber::EnvFilter;
@@ -29,6 +30,52 @@ use crate::config::LogConfig;
 
 /// The tracing target of the per-request access lines.
 pub const ACCESS_TARGET: &str = "access";
+
+/// At most one line a second from one call site of one process, for lines a
+/// request can cause (a database outage at 10,000 requests a second would
+/// otherwise log 10,000 warnings a second and use up journald's budget for
+/// the unit's warnings, the master's included). The first occurrence in a
+/// second is logged, with how many were skipped since the last one logged.
+pub struct Throttle {
+    /// The second (monotonic, + 1) of the last line logged; 0 = never.
+    second: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl Throttle {
+    pub const fn new() -> Throttle {
+        Throttle {
+            second: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(skipped)` if this occurrence is to be logged, else `None` (counted).
+    pub fn admit(&self, now: std::time::Duration) -> Option<u64> {
+        let second = now.as_secs() + 1;
+        if self.second.swap(second, Ordering::Relaxed) == second {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            None
+        } else {
+            Some(self.skipped.swap(0, Ordering::Relaxed))
+        }
+    }
+}
+
+impl Default for Throttle {
+    fn default() -> Throttle {
+        Throttle::new()
+    }
+}
+
+/// " (N more since)" for a throttled line, or nothing.
+pub fn skipped_note(skipped: u64) -> String {
+    if skipped == 0 {
+        String::new()
+    } else {
+        format!(" ({skipped} more like it since the last one logged)")
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -203,4 +250,23 @@ pub fn init(config: &LogConfig) -> Result<Option<String>, LogError> {
         .try_init()
         .map_err(|_| LogError::AlreadySet)?;
     Ok(warning)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn throttle_logs_the_first_of_each_second_with_the_count_skipped() {
+        let t = Throttle::new();
+        let at = |ms: u64| Duration::from_millis(ms);
+        assert_eq!(t.admit(at(0)), Some(0), "the very first is logged");
+        assert_eq!(t.admit(at(10)), None);
+        assert_eq!(t.admit(at(999)), None);
+        assert_eq!(t.admit(at(1000)), Some(2), "next second: logged, 2 skipped");
+        assert_eq!(t.admit(at(5000)), Some(0));
+        assert_eq!(skipped_note(0), "");
+        assert!(skipped_note(2).contains("2 more"));
+    }
 }

@@ -7,6 +7,7 @@ use hyper::header::{ALLOW, HeaderValue};
 use hyper::{Response, StatusCode};
 
 use crate::domain::Invalid;
+use crate::log::{Throttle, skipped_note};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,13 +81,22 @@ impl ApiError {
     }
 }
 
+/// One line a second per worker for each, however many requests hit it.
+static UNAVAILABLE: Throttle = Throttle::new();
+static INTERNAL: Throttle = Throttle::new();
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
+        let now = crate::clock::now();
         if e.is_unavailable() {
-            tracing::warn!("database unavailable: {e}");
+            if let Some(skipped) = UNAVAILABLE.admit(now) {
+                tracing::warn!("database unavailable: {e}{}", skipped_note(skipped));
+            }
             ApiError::Unavailable
         } else {
-            tracing::error!("database error: {e}");
+            if let Some(skipped) = INTERNAL.admit(now) {
+                tracing::error!("database error: {e}{}", skipped_note(skipped));
+            }
             ApiError::Internal
         }
     }

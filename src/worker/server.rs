@@ -242,7 +242,11 @@ async fn accept_loop(l: Listener, shared: Arc<Shared>, builder: Arc<http1::Build
             Ok(Conn::Tcp(s)) => spawn_conn(TokioIo::new(s), &shared, &builder),
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!("accept failed: {e}");
+                static ACCEPT_FAILED: crate::log::Throttle = crate::log::Throttle::new();
+                if let Some(skipped) = ACCEPT_FAILED.admit(clock::now()) {
+                    let note = crate::log::skipped_note(skipped);
+                    tracing::warn!("accept failed: {e}{note}");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
