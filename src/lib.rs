@@ -18,7 +18,7 @@
 //! - [`systemd`]: sd_notify READY/RELOADING/STOPPING/STATUS/WATCHDOG.
 //! - [`master`]: the supervisor. `state` is the pure decision function
 //!   (`handle(Event, now) -> Vec<Action>`), `events` turns signals, children and
-//!   ticks into events, `spawn` forks+execs, `control` serves `notesd status`.
+//!   ticks into events, `spawn` forks+execs, `control` serves `notesd status` and `notesd reload`.
 //! - [`worker`]: runtime, pool, READY, accept loop, graceful drain.
 //! - [`http`]: router, handlers (notes, metrics) and error mapping.
 //! - [`domain`]: `Note`, `NoteTitle::parse`, `NewNote`, `NotePatch`.
