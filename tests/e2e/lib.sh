@@ -13,6 +13,8 @@ e2e_deb() {
             fail "packaging/build-deb.sh failed"
         }
         deb=$(ls -t target/debian/notesd_*.deb | head -n1)
+        # Write the build's gigabytes back now, not under the timed steps.
+        sync
     fi
     [[ -f $deb ]] || fail "no .deb at $deb"
     realpath "$deb"
