@@ -136,3 +136,76 @@ fn workers_run_as_server_user_and_group_when_started_as_root() {
     drop(server);
     drop(db);
 }
+
+/// D1: notesd's PostgreSQL driver does not take the role from the OS user.
+/// With a role named like the OS user that runs notesd (as `createuser
+/// notesd` makes one for the `notesd` system user), a unix-socket URL that
+/// names no role is refused by `notesd check`, with the fix in the message,
+/// and the packaged shape (`?host=…&user=…`) connects and migrates.
+#[test]
+fn a_unix_socket_url_must_name_the_role_even_one_named_like_the_os_user() {
+    use common::notes::psql_ok;
+    let Some(db) = fresh_pg_database() else {
+        return;
+    };
+    let os_user = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .expect("the current user has a name");
+    let quoted = format!("\"{}\"", os_user.replace('"', "\"\""));
+    let made_role = psql_ok(
+        "postgres",
+        &format!(
+            "SELECT count(*) FROM pg_roles WHERE rolname = '{}'",
+            os_user.replace('\'', "''")
+        ),
+    ) == "0";
+    if made_role {
+        psql_ok("postgres", &format!("CREATE ROLE {quoted} LOGIN"));
+    }
+    psql_ok(
+        "postgres",
+        &format!("ALTER DATABASE {} OWNER TO {quoted}", db.name),
+    );
+    let socket_dir = "/var/run/postgresql";
+    let dir = TempDir::new("d1_role");
+    let config = dir.join("notesd.toml");
+    let write = |url: &str| {
+        std::fs::write(&config, format!("[database]\nurl = {}\n", toml_str(url)))
+            .expect("write config");
+    };
+    let config_arg = config.display().to_string();
+
+    let without = format!("postgres:///{}?host={socket_dir}", db.name);
+    if std::env::var_os("PGUSER").is_none() {
+        write(&without);
+        let out = run_notesd(&["check", "-c", &config_arg]);
+        assert_eq!(out.code, Some(2), "{}", out.describe());
+        assert!(
+            out.stderr.contains("\"anonymous\"") && out.stderr.contains("user=notesd"),
+            "the problem names what would happen and the fix: {}",
+            out.describe()
+        );
+    }
+    write(&format!("{without}&user={os_user}"));
+    let check = run_notesd(&["check", "-c", &config_arg]);
+    assert_eq!(check.code, Some(0), "{}", check.describe());
+    let migrate = run_notesd(&["migrate", "-c", &config_arg]);
+    if made_role {
+        psql_ok(
+            "postgres",
+            &format!("ALTER DATABASE {} OWNER TO postgres", db.name),
+        );
+    }
+    assert_eq!(migrate.code, Some(0), "{}", migrate.describe());
+    assert!(
+        migrate.stdout.contains("applied migrations"),
+        "{}",
+        migrate.describe()
+    );
+    drop(db);
+    if made_role {
+        psql_ok("postgres", &format!("DROP ROLE {quoted}"));
+    }
+}
