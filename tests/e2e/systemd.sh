@@ -371,9 +371,9 @@ line=$(C journalctl -u notesd -t notesd-access -o cat -n 1 --no-pager)
 [[ $line =~ ^(GET|POST)\ /[^\ ]*\ [0-9]{3}\ [0-9.]+ms$ ]] || fail "an access line's MESSAGE is '$line'"
 prio=$(C journalctl -u notesd -t notesd-access -n 1 -o json --no-pager | jq -r .PRIORITY)
 [[ $prio == 7 ]] || fail "access lines have priority $prio, not 7"
-suppressed=$(C journalctl -t systemd-journald --after-cursor "$since" -o cat --no-pager |
-    { grep -o 'Suppressed [0-9]* messages from notesd.service' || true; } | awk '{s += $2} END {print s + 0}')
-measured "journal, access log on" "$kept access lines stored for $((GETS + POSTS)) requests (journald reports $suppressed suppressed); 'reload complete' 3 of 3"
+# journald reports "Suppressed N messages" only when the next one of that
+# class arrives after the interval; count what it kept instead.
+measured "journal, access log on" "$kept access lines stored for $((GETS + POSTS)) requests (the rest over journald's budget for priority 7); 'reload complete' 3 of 3"
 measured "an access line (MESSAGE, PRIORITY=$prio)" "$line"
 sed -i 's/^access_log = true$/access_log = false/' "$R/etc/notesd/notesd.toml"
 op "sudo systemctl reload notesd" || fail "reload (access log off)"
