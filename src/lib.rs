@@ -18,7 +18,9 @@
 //! - [`systemd`]: sd_notify READY/RELOADING/STOPPING/STATUS/WATCHDOG.
 //! - [`master`]: the supervisor. `state` is the pure decision function
 //!   (`handle(Event, now) -> Vec<Action>`), `events` turns signals, children and
-//!   ticks into events, `spawn` forks+execs, `control` serves `notesd status` and `notesd reload`.
+//!   ticks into events, `spawn` forks+execs, `control` serves `notesd status` and
+//!   `notesd reload`, `sockets` keeps the listeners per generation (bind changes
+//!   on reload), `handover` re-execs the master in place (upgrades, USR2).
 //! - [`worker`]: runtime, pool, READY, accept loop, graceful drain.
 //! - [`http`]: router, handlers (notes, metrics) and error mapping.
 //! - [`domain`]: `Note`, `NoteTitle::parse`, `NewNote`, `NotePatch`.
@@ -28,6 +30,25 @@
 //!
 //! Flow: master: signal/child/tick → `Event` → `State::handle` → `Action`s →
 //! executed at the edge. Worker: accept → hyper → router → handler → store → JSON.
+
+/// This build's version: the package's, unless a test build names another
+/// (the test suite builds "newer" binaries from this tree to upgrade to).
+pub const VERSION: &str = match option_env!("NOTESD_BUILD_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
+/// The flags of a test build (`NOTESD_TEST_VARIANT=flag,flag` at build time);
+/// none in any other build.
+const TEST_VARIANT: &str = match option_env!("NOTESD_TEST_VARIANT") {
+    Some(v) => v,
+    None => "",
+};
+
+/// Was this binary built by the test suite with `flag`?
+pub fn test_variant(flag: &str) -> bool {
+    TEST_VARIANT.split(',').any(|f| f == flag)
+}
 
 pub mod client;
 pub mod clock;

@@ -224,10 +224,11 @@ impl Store {
         Ok(done)
     }
 
-    /// Refuse a schema this binary cannot serve: behind (run migrate) or ahead.
+    /// Refuse a schema this binary cannot serve: behind (run migrate), or
+    /// ahead with a migration not marked backward-compatible.
     pub async fn check_schema(&self) -> Result<(), StoreError> {
         match schema_state(self).await? {
-            SchemaState::Current => Ok(()),
+            state if state.servable() => Ok(()),
             state => Err(StoreError::Schema(state.problem())),
         }
     }
