@@ -200,8 +200,9 @@ impl ConfigError {
 }
 
 /// Command-line overrides (`serve -b … -w … --database-url …`). Kept by the
-/// master so a HUP re-applies them to the re-read file, as Gunicorn does.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// master so a HUP re-applies them to the re-read file, as Gunicorn does
+/// (and hands them over to its re-exec'd self).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Overrides {
     pub config_path: Option<PathBuf>,
     pub bind: Vec<String>,

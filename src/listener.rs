@@ -8,7 +8,7 @@
 //! the one we created.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -56,9 +56,35 @@ pub struct Listener {
     created: Option<(u64, u64)>,
 }
 
+/// A listener as a master hands it to its re-exec'd self: the fd stays open
+/// across the exec, the rest is written down.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ListenerRecord {
+    pub bind: String,
+    pub fd: RawFd,
+    pub created: Option<(u64, u64)>,
+}
+
 impl Listener {
     pub fn is_unix(&self) -> bool {
         matches!(self.bind, Bind::Unix(_))
+    }
+
+    pub fn record(&self) -> ListenerRecord {
+        ListenerRecord {
+            bind: self.bind.to_string(),
+            fd: self.fd.as_raw_fd(),
+            created: self.created,
+        }
+    }
+
+    /// Take back a listener handed over across an exec (the fd is ours now).
+    pub fn from_record(r: &ListenerRecord, fd: OwnedFd) -> Result<Listener, String> {
+        Ok(Listener {
+            bind: Bind::parse(&r.bind)?,
+            fd,
+            created: r.created,
+        })
     }
 
     /// Unlink our socket file if the path still holds the inode we created.
@@ -87,15 +113,32 @@ fn io_err(what: &'static str, addr: impl ToString, e: impl Into<io::Error>) -> L
 
 /// Bind and listen on every address.
 pub fn bind_all(binds: &[Bind], unix: UnixOptions) -> Result<Vec<Listener>, ListenError> {
-    let mut out = Vec::new();
-    for b in binds {
-        let l = match b {
-            Bind::Unix(path) => bind_unix(path, unix)?,
-            Bind::Tcp(addr) => bind_tcp(*addr, unix.backlog)?,
-        };
-        out.push(l);
+    binds.iter().map(|b| bind_one(b, unix)).collect()
+}
+
+/// Bind and listen on one address.
+pub fn bind_one(bind: &Bind, unix: UnixOptions) -> Result<Listener, ListenError> {
+    match bind {
+        Bind::Unix(path) => bind_unix(path, unix),
+        Bind::Tcp(addr) => bind_tcp(*addr, unix.backlog),
     }
-    Ok(out)
+}
+
+/// A unix socket's mode and group (`socket_mode`, `socket_group`).
+pub fn apply_unix_options(path: &Path, o: UnixOptions) -> Result<(), ListenError> {
+    let shown = path.display().to_string();
+    nix::sys::stat::fchmodat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        nix::sys::stat::Mode::from_bits_truncate(o.mode),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+    .map_err(|e| io_err("chmod", &shown, e))?;
+    if let Some(gid) = o.gid {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| io_err("chown", &shown, e))?;
+    }
+    Ok(())
 }
 
 /// Bind a unix stream socket with the stale/live rules, mode and group.
@@ -128,17 +171,7 @@ pub fn bind_unix(path: &Path, o: UnixOptions) -> Result<Listener, ListenError> {
     let meta = std::fs::metadata(path).map_err(|e| io_err("stat", &shown, e))?;
     let created = (meta.dev(), meta.ino());
     let setup = || -> Result<(), ListenError> {
-        nix::sys::stat::fchmodat(
-            nix::fcntl::AT_FDCWD,
-            path,
-            nix::sys::stat::Mode::from_bits_truncate(o.mode),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )
-        .map_err(|e| io_err("chmod", &shown, e))?;
-        if let Some(gid) = o.gid {
-            nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
-                .map_err(|e| io_err("chown", &shown, e))?;
-        }
+        apply_unix_options(path, o)?;
         socket::listen(&fd, backlog(o.backlog)).map_err(|e| io_err("listen", &shown, e))
     };
     if let Err(e) = setup() {

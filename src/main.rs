@@ -15,13 +15,15 @@ use notesd::store::{self, Purpose, Store};
 #[derive(Parser)]
 #[command(
     name = "notesd",
-    version,
+    version = notesd::VERSION,
     about = "Notes JSON API on a Gunicorn-style prefork server",
     long_about = "Notes JSON API on a Gunicorn-style prefork server.\n\n\
         `notesd serve` runs the master: it binds the sockets, forks the workers and supervises \
         them. Signals to the master: HUP reload (new workers first, then the old ones drain), \
         TERM graceful stop, INT/QUIT quick stop, TTIN/TTOU one worker more/fewer, USR1 reopen \
-        log files. `notesd reload` does what HUP does and waits until it is done.\n\n\
+        log files, USR2 re-exec the master in place from its binary (same PID), then reload. \
+        `notesd reload` does what HUP does (re-exec'ing first when the binary changed) and \
+        waits until it is done.\n\n\
         Configuration: -c FILE, else $NOTESD_CONFIG, else /etc/notesd/notesd.toml, else the \
         embedded defaults. Exit codes: 0 clean, 1 runtime failure, 2 bad usage or invalid \
         config, 3 workers failed to boot."
@@ -98,6 +100,10 @@ enum Command {
     /// Internal: a worker process, exec'd by the master
     #[command(hide = true)]
     Worker,
+    /// Internal: can this binary take over the running master's handover
+    /// (the record at $NOTESD_HANDOVER_FD)? Asked before a re-exec in place.
+    #[command(hide = true)]
+    HandoverCheck,
     /// Packaging: write the man page and shell completions (bash, zsh, fish) into DIR
     #[command(hide = true)]
     GenerateAssets {
@@ -111,6 +117,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Worker => notesd::worker::run(),
         Command::Check { config } => check(config),
+        Command::HandoverCheck => handover_check(),
         other => match dispatch(other) {
             Ok(code) => code,
             Err(e) => {
@@ -178,6 +185,24 @@ fn check(c: ConfigArg) -> i32 {
     }
 }
 
+fn handover_check() -> i32 {
+    match notesd::master::handover::check_from_env() {
+        Ok(record) => {
+            println!(
+                "notesd {} can take over from notesd {} (handover record {})",
+                notesd::VERSION,
+                record.from,
+                record.version
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("notesd: {e}");
+            1
+        }
+    }
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -199,6 +224,9 @@ fn init_log(cfg: &Config) -> Option<String> {
 
 fn dispatch(cmd: Command) -> anyhow::Result<i32> {
     match cmd {
+        Command::Serve { .. } if std::env::var_os(notesd::master::handover::ENV_FD).is_some() => {
+            resume()
+        }
         Command::Serve {
             config,
             bind,
@@ -288,7 +316,31 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
-        Command::Worker | Command::Check { .. } => unreachable!("handled in main"),
+        Command::Worker | Command::Check { .. } | Command::HandoverCheck => {
+            unreachable!("handled in main")
+        }
+    }
+}
+
+/// `serve` exec'd in place by a running master: take over what it handed over.
+fn resume() -> anyhow::Result<i32> {
+    let taken = notesd::master::handover::take()
+        .context("no handover")?
+        .map_err(|e| Exit(1, e.to_string()))?;
+    let (record, fds) = taken;
+    let current = record.state.configs.get(&record.state.current).cloned();
+    let warning = current.as_ref().and_then(init_log);
+    let span = tracing::info_span!("master", pid = std::process::id());
+    let _entered = span.enter();
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
+    }
+    match notesd::master::resume(record, fds) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            tracing::error!("{e}");
+            Err(Exit(e.exit_code(), e.to_string()).into())
+        }
     }
 }
 
@@ -331,6 +383,7 @@ async fn migrate(cfg: &Config, status_only: bool) -> anyhow::Result<i32> {
     }
     let rows = store::migrate::applied(&store).await.context("migrate")?;
     if status_only {
+        // The mark is part of the recorded description: "[backward-compatible]".
         let embedded = store::migrate::migrator(store.backend());
         println!("{:<8} {:<8} description", "version", "state");
         for m in embedded.iter() {
@@ -342,8 +395,15 @@ async fn migrate(cfg: &Config, status_only: bool) -> anyhow::Result<i32> {
             println!("{:<8} {:<8} {}", m.version, state, m.description);
         }
         for (v, _, d) in rows.iter().filter(|r| !embedded.version_exists(r.0)) {
-            println!("{v:<8} {:<8} {d} (unknown to this binary)", "newer");
+            let served = if store::migrate::recorded_compatible(d) {
+                "unknown to this binary, which serves it anyway"
+            } else {
+                "unknown to this binary, which refuses to serve it"
+            };
+            println!("{v:<8} {:<8} {d} ({served})", "newer");
         }
+        let state = store::schema_state(&store).await.context("migrate")?;
+        println!("notesd {}: {}", notesd::VERSION, state.problem());
     }
     store.close().await;
     Ok(0)

@@ -225,6 +225,27 @@ impl Control {
         requests
     }
 
+    /// The fds of the clients waiting for a reload (handed over across a re-exec).
+    pub fn reload_waiter_fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.clients
+            .iter()
+            .filter(|c| matches!(c.phase, Phase::AwaitingReload))
+            .map(|c| c.stream.as_raw_fd())
+            .collect()
+    }
+
+    /// A client handed over by the previous image, waiting for the reload.
+    pub fn await_reload(&mut self, stream: UnixStream) {
+        self.clients.push(Client {
+            stream,
+            // It was checked when it asked.
+            uid: Some(0),
+            phase: Phase::AwaitingReload,
+            deadline: None,
+        });
+    }
+
     /// A reload ended: answer everyone waiting for one.
     pub fn reload_done(&mut self, outcome: &ReloadOutcome, now: Duration) {
         let answer = ReloadAnswer::from_outcome(outcome);
@@ -453,7 +474,7 @@ pub fn status(state: &State, board: &Scoreboard, now: Duration) -> Status {
         .collect();
     Status {
         protocol: ipc::PROTOCOL_VERSION,
-        version: env!("CARGO_PKG_VERSION").to_string(),
+        version: crate::VERSION.to_string(),
         master_pid: std::process::id(),
         phase: state.phase_name().to_string(),
         generation: state.generation(),

@@ -18,6 +18,8 @@ use crate::master::state::Sig;
 pub enum MasterSignal {
     Hup,
     Child,
+    /// USR2: re-exec in place from the binary at the resolved path, then reload.
+    Upgrade,
     Act(Sig),
 }
 
@@ -30,6 +32,7 @@ pub const SIGNAL_TABLE: &[(Signal, MasterSignal)] = &[
     (Signal::SIGTTIN, MasterSignal::Act(Sig::Ttin)),
     (Signal::SIGTTOU, MasterSignal::Act(Sig::Ttou)),
     (Signal::SIGUSR1, MasterSignal::Act(Sig::Usr1)),
+    (Signal::SIGUSR2, MasterSignal::Upgrade),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +121,7 @@ mod tests {
             Signal::SIGTTIN,
             Signal::SIGTTOU,
             Signal::SIGUSR1,
+            Signal::SIGUSR2,
             Signal::SIGCHLD,
         ] {
             assert_eq!(

@@ -7,11 +7,13 @@
 
 pub mod control;
 pub mod events;
+pub mod handover;
+pub mod sockets;
 pub mod spawn;
 pub mod state;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -25,13 +27,16 @@ use nix::unistd::Pid as NixPid;
 use crate::clock;
 use crate::config::{self, Config, Overrides, Source};
 use crate::ipc::{self, ToMaster};
+use crate::listener::ListenerRecord;
 use crate::listener::{self, ListenError, Listener, UnixOptions};
 use crate::scoreboard::Scoreboard;
 use crate::systemd;
 use control::Control;
 use events::{MasterSignal, Signals};
+use handover::{ExeId, HandoverError, Record};
+use sockets::Sockets;
 use spawn::{Creds, Spawner};
-use state::{Action, Event, ExitHow, Level, Notify, State, WorkerSig};
+use state::{Action, Event, ExitHow, Level, Notify, ReloadOutcome, State, WorkerSig};
 
 /// How often the master looks at heartbeats and deadlines: often enough to
 /// catch a silent worker well within a second of its `timeout`, rarely enough
@@ -68,6 +73,8 @@ pub enum MasterError {
     Migrate(String),
     #[error("poll: {0}")]
     Poll(nix::Error),
+    #[error("taking over from the previous image: {0}")]
+    Handover(String),
 }
 
 impl MasterError {
@@ -81,15 +88,43 @@ impl MasterError {
     }
 }
 
+/// What the master leaves on disk: the socket files it created and its
+/// pidfile. Dropping it removes them, if they are still ours: on a clean exit
+/// and on a start that fails half-way alike. (An exec in place drops nothing.)
+struct Owned {
+    sockets: Sockets,
+    control_socket: Listener,
+    pidfile: Option<PathBuf>,
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.sockets.all().into_iter().for_each(Listener::cleanup);
+        self.control_socket.cleanup();
+        if let Some(p) = &self.pidfile
+            && std::fs::read_to_string(p).is_ok_and(|s| s.trim() == std::process::id().to_string())
+        {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Everything the master owns at the OS level.
 struct Edge {
-    listeners: Vec<Listener>,
+    owned: Owned,
+    /// The listeners came from systemd (LISTEN_FDS), not from `server.bind`.
+    activated: bool,
     /// `notesd status` / `notesd reload` clients, polled with everything else.
     control: Control,
     board: Scoreboard,
     spawner: Spawner,
     channels: BTreeMap<i32, OwnedFd>,
     overrides: Overrides,
+    /// The binary workers are exec'd from (and the master re-execs), resolved
+    /// once; and what the file there was when this image started, so that a
+    /// reload notices an upgrade.
+    exe: PathBuf,
+    exe_id: Option<ExeId>,
     exit: Option<i32>,
     /// Under systemd (NOTIFY_SOCKET set): STATUS= lines are worth building.
     notify: bool,
@@ -104,101 +139,185 @@ pub fn run(config: Config, overrides: Overrides) -> Result<i32, MasterError> {
     }
     let exe = spawn::resolve_exe().map_err(MasterError::Exe)?;
     let creds = resolve_creds(&config)?;
-    let mut listeners = listener::from_systemd()?;
-    let activated = !listeners.is_empty();
-    if !activated {
-        // socket_group matters only for sockets we bind (systemd's come with SocketGroup=).
-        let socket_gid = match &config.server.socket_group {
-            Some(g) => Some(group_gid(g)?),
-            None => None,
+    let (listeners, activated) = open_listeners(&config)?;
+    let (control, control_socket) =
+        match control::bind(&config.server.control_socket, creds.map(|c| c.gid)) {
+            Ok(c) => c,
+            Err(e) => {
+                listeners.iter().for_each(Listener::cleanup);
+                return Err(e.into());
+            }
         };
-        listeners = listener::bind_all(
-            &config.binds(),
-            UnixOptions {
-                mode: config.socket_mode(),
-                gid: socket_gid,
-                backlog: config.server.backlog,
-            },
-        )?;
-    }
-    let control_gid = creds.map(|c| c.gid);
-    let control_socket = match control::bind(&config.server.control_socket, control_gid) {
-        Ok(c) => c,
-        Err(e) => {
-            listeners.iter().for_each(Listener::cleanup);
-            return Err(e.into());
-        }
+    log_start(&config, &listeners, activated, &exe);
+    let owned = Owned {
+        sockets: Sockets::new(listeners),
+        control_socket,
+        pidfile: config.server.pidfile.clone(),
     };
-    let (control, control_socket) = control_socket;
-    let pidfile = config.server.pidfile.clone();
-    let result = (|| {
-        if config.database.migrate_on_start {
-            migrate_child(&exe, &config, creds)?;
-        }
-        if let Some(p) = &pidfile {
-            write_pidfile(p)?;
-        }
-        // All in the message: that is what `journalctl` shows.
-        tracing::info!(
-            "master starting: notesd {}, listening on {} ({}), {} worker(s), config {}, workers exec {}",
-            env!("CARGO_PKG_VERSION"),
-            listeners
-                .iter()
-                .map(|l| l.bind.to_string())
-                .collect::<Vec<_>>()
-                .join(" "),
-            if activated {
-                "sockets from systemd: socket activation"
-            } else {
-                "bound by notesd"
-            },
-            config.worker_count(),
-            config.source,
-            exe.display(),
-        );
-        let signals = Signals::register()?;
-        let slots = 2 * config::MAX_WORKERS + 16;
+    if config.database.migrate_on_start {
+        migrate_child(&exe, &config, creds)?;
+    }
+    if let Some(p) = &owned.pidfile {
+        write_pidfile(p)?;
+    }
+    let signals = Signals::register()?;
+    let board = Scoreboard::create(2 * config::MAX_WORKERS + 16)?;
+    let mut edge = Edge::new(owned, activated, control, board, exe, creds, overrides)?;
+    let mut state = State::new(Arc::new(config), edge.board.slots(), clock::now());
+    edge.execute(&mut state, Event::Started);
+    edge.main_loop(state, &signals)
+}
+
+/// Carry on as the master a re-exec in place handed over to (see
+/// [`handover`]): same listeners, control socket, scoreboard and workers;
+/// then reload onto this binary.
+pub fn resume(record: Record, fds: Vec<(RawFd, OwnedFd)>) -> Result<i32, MasterError> {
+    let mut fds: BTreeMap<RawFd, OwnedFd> = fds.into_iter().collect();
+    let mut take = |fd: RawFd| {
+        fds.remove(&fd)
+            .ok_or_else(|| MasterError::Handover(format!("fd {fd} was not handed over")))
+    };
+    let listener =
+        |r: &ListenerRecord, fd| Listener::from_record(r, fd).map_err(MasterError::Handover);
+    let listeners = record
+        .listeners
+        .iter()
+        .map(|r| listener(r, take(r.fd)?))
+        .collect::<Result<Vec<_>, _>>()?;
+    let control_socket = listener(&record.control, take(record.control.fd)?)?;
+    let control = control_socket
+        .fd
+        .try_clone()
+        .map(std::os::unix::net::UnixListener::from)
+        .map_err(|e| MasterError::Handover(format!("control socket: {e}")))?;
+    let board = Scoreboard::open(take(record.scoreboard_fd)?)?;
+    let mut channels = BTreeMap::new();
+    for (pid, fd) in &record.channels {
+        channels.insert(*pid, take(*fd)?);
+    }
+    let waiters = record
+        .reload_waiters
+        .iter()
+        .map(|fd| take(*fd).map(std::os::unix::net::UnixStream::from))
+        .collect::<Result<Vec<_>, _>>()?;
+    let owned = Owned {
+        sockets: Sockets::new(listeners),
+        control_socket,
+        pidfile: record.pidfile.clone(),
+    };
+    let current = record
+        .state
+        .configs
+        .get(&record.state.current)
+        .ok_or_else(|| MasterError::Handover("no config for the current generation".into()))?;
+    let creds = resolve_creds(current)?;
+    let exe = spawn::resolve_exe().map_err(MasterError::Exe)?;
+    let signals = Signals::register()?;
+    handover::unblock_signals();
+    let mut edge = Edge::new(
+        owned,
+        record.activated,
+        control,
+        board,
+        exe,
+        creds,
+        record.overrides,
+    )?;
+    edge.channels = channels;
+    waiters
+        .into_iter()
+        .for_each(|w| edge.control.await_reload(w));
+    let workers = record.state.workers.len();
+    let mut state = State::resume(record.state, edge.board.slots(), clock::now())
+        .map_err(MasterError::Handover)?;
+    tracing::info!(
+        "re-exec'd in place: notesd {} took over from notesd {} as pid {} (generation {}, {workers} worker(s)); reloading onto {}",
+        crate::VERSION,
+        record.from,
+        std::process::id(),
+        state.generation(),
+        edge.exe.display(),
+    );
+    edge.reap(&mut state);
+    edge.start_reload(&mut state);
+    edge.main_loop(state, &signals)
+}
+
+/// The listeners: systemd's (socket activation), else `server.bind`'s.
+fn open_listeners(config: &Config) -> Result<(Vec<Listener>, bool), MasterError> {
+    let listeners = listener::from_systemd()?;
+    if !listeners.is_empty() {
+        return Ok((listeners, true));
+    }
+    // socket_group matters only for sockets we bind (systemd's come with SocketGroup=).
+    let socket_gid = match &config.server.socket_group {
+        Some(g) => Some(group_gid(g)?),
+        None => None,
+    };
+    let listeners = listener::bind_all(
+        &config.binds(),
+        UnixOptions {
+            mode: config.socket_mode(),
+            gid: socket_gid,
+            backlog: config.server.backlog,
+        },
+    )?;
+    Ok((listeners, false))
+}
+
+/// All in the message: that is what `journalctl` shows.
+fn log_start(config: &Config, listeners: &[Listener], activated: bool, exe: &std::path::Path) {
+    tracing::info!(
+        "master starting: notesd {}, listening on {} ({}), {} worker(s), config {}, workers exec {}",
+        crate::VERSION,
+        listeners
+            .iter()
+            .map(|l| l.bind.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        if activated {
+            "sockets from systemd: socket activation"
+        } else {
+            "bound by notesd"
+        },
+        config.worker_count(),
+        config.source,
+        exe.display(),
+    );
+}
+
+impl Edge {
+    fn new(
+        owned: Owned,
+        activated: bool,
+        control: std::os::unix::net::UnixListener,
+        board: Scoreboard,
+        exe: PathBuf,
+        creds: Option<Creds>,
+        overrides: Overrides,
+    ) -> Result<Edge, MasterError> {
         // Obeyed on the control socket besides root: our own user and the workers'.
         let allowed = std::iter::once(nix::unistd::geteuid().as_raw())
             .chain(creds.map(|c| c.uid))
             .collect();
-        let mut edge = Edge {
-            board: Scoreboard::create(slots)?,
-            spawner: Spawner::new(&exe, creds)?,
-            listeners: std::mem::take(&mut listeners),
+        Ok(Edge {
+            owned,
+            activated,
             control: Control::new(control, allowed),
+            board,
+            spawner: Spawner::new(&exe, creds)?,
             channels: BTreeMap::new(),
             overrides,
+            exe_id: ExeId::of(&exe),
+            exe,
             exit: None,
             notify: std::env::var_os("NOTIFY_SOCKET").is_some(),
             last_status: String::new(),
-        };
-        let code = edge.main_loop(config, &signals, slots);
-        listeners = std::mem::take(&mut edge.listeners);
-        code
-    })();
-    // Whether the start failed or the master ran and exited: leave nothing
-    // behind that is ours (a failed start must not leave a control socket or
-    // a pidfile that names a dead process).
-    listeners.iter().for_each(Listener::cleanup);
-    control_socket.cleanup();
-    if let Some(p) = &pidfile
-        && std::fs::read_to_string(p).is_ok_and(|s| s.trim() == std::process::id().to_string())
-    {
-        let _ = std::fs::remove_file(p);
+        })
     }
-    result
-}
 
-impl Edge {
-    fn main_loop(
-        &mut self,
-        config: Config,
-        signals: &Signals,
-        slots: u32,
-    ) -> Result<i32, MasterError> {
-        let mut state = State::new(Arc::new(config), slots, clock::now());
-        self.execute(&mut state, Event::Started);
+    /// `loop { wait → handle → kill the stuck, top up }` until an exit is decided.
+    fn main_loop(&mut self, mut state: State, signals: &Signals) -> Result<i32, MasterError> {
         let watchdog = systemd::watchdog_interval();
         let mut last_tick = Duration::ZERO;
         let mut last_watchdog = Duration::ZERO;
@@ -217,6 +336,7 @@ impl Edge {
                 match sig {
                     MasterSignal::Child => self.reap(&mut state),
                     MasterSignal::Hup => self.reload(&mut state),
+                    MasterSignal::Upgrade => self.upgrade(&mut state, "USR2"),
                     MasterSignal::Act(s) => self.execute(&mut state, Event::Signal(s)),
                 }
             }
@@ -233,27 +353,160 @@ impl Edge {
             }
             if now.saturating_sub(last_tick) >= tick {
                 last_tick = now;
-                let heartbeats = state
-                    .workers()
-                    .filter_map(|w| {
-                        let s = self.board.read(w.slot).ok()?;
-                        (s.pid == w.pid as u32)
-                            .then(|| (w.pid, Duration::from_nanos(s.heartbeat_ns)))
-                    })
-                    .collect();
-                self.execute(&mut state, Event::Tick { heartbeats });
-                self.report_status(&state);
+                self.tick(&mut state);
             }
         }
     }
 
-    /// HUP or `notesd reload`: re-read the config (with the same flags) and
-    /// let the state machine start a new generation, or refuse.
+    /// The periodic step: heartbeats to the state machine, STATUS= to
+    /// systemd, listeners no generation uses any more closed.
+    fn tick(&mut self, state: &mut State) {
+        for bind in self.owned.sockets.retire_unused(&state.live_generations()) {
+            tracing::info!("closed the listener on {bind}: no worker uses it any more");
+        }
+        let heartbeats = state
+            .workers()
+            .filter_map(|w| {
+                let s = self.board.read(w.slot).ok()?;
+                (s.pid == w.pid as u32).then(|| (w.pid, Duration::from_nanos(s.heartbeat_ns)))
+            })
+            .collect();
+        self.execute(state, Event::Tick { heartbeats });
+        self.report_status(state);
+    }
+
+    /// HUP or `notesd reload`. When the binary at the resolved path is not
+    /// the one this image started from (an upgrade replaced it), re-exec in
+    /// place first: the new image then reloads onto itself.
     fn reload(&mut self, state: &mut State) {
+        if ExeId::of(&self.exe) != self.exe_id {
+            // Validate the config first, as any reload does: a bad one is refused here.
+            if let Err(e) = config::load(&self.overrides) {
+                let e = e.to_string().replace('\n', " ");
+                self.execute(state, Event::Reload(Err(e)));
+                return;
+            }
+            let why = format!("{} changed since this master started", self.exe.display());
+            self.upgrade(state, &why);
+            return;
+        }
+        self.start_reload(state);
+    }
+
+    /// Re-read the config (with the same flags), put its listeners in place
+    /// for the new generation, and let the state machine start it, or refuse.
+    fn start_reload(&mut self, state: &mut State) {
         let reloaded = config::load(&self.overrides)
-            .map(Arc::new)
-            .map_err(|e| e.to_string().replace('\n', " "));
+            .map_err(|e| e.to_string().replace('\n', " "))
+            .and_then(|config| {
+                self.reconcile_sockets(state.next_generation(), &config)?;
+                Ok(Arc::new(config))
+            });
         self.execute(state, Event::Reload(reloaded));
+    }
+
+    /// A changed `server.bind`, `socket_mode` or `socket_group` takes effect
+    /// for generation `next` (see [`sockets`]); systemd's sockets are left alone.
+    fn reconcile_sockets(&mut self, next: u32, config: &Config) -> Result<(), String> {
+        if self.activated {
+            let now: Vec<_> = self
+                .owned
+                .sockets
+                .for_generation(next)
+                .iter()
+                .map(|l| l.bind.clone())
+                .collect();
+            if config.binds() != now {
+                tracing::warn!(
+                    "server.bind changed, but the listening sockets come from systemd (socket activation): change ListenStream= in notesd.socket instead; the sockets stay as they are"
+                );
+            }
+            return Ok(());
+        }
+        let gid = match &config.server.socket_group {
+            Some(g) => Some(group_gid(g).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let unix = UnixOptions {
+            mode: config.socket_mode(),
+            gid,
+            backlog: config.server.backlog,
+        };
+        match self.owned.sockets.reconcile(next, config, unix) {
+            Ok(Some(changes)) => {
+                tracing::info!(
+                    "server.bind changed: generation {next} listens on {}",
+                    changes.join(", ")
+                );
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(format!("cannot listen as the new config asks: {e}")),
+        }
+    }
+
+    /// Re-exec in place from `self.exe` (see [`handover`]). Returns only when
+    /// the upgrade was refused; the reload waiting for it is then refused too.
+    fn upgrade(&mut self, state: &mut State, why: &str) {
+        let error = self.exec_in_place(state, why);
+        let message = format!(
+            "cannot upgrade in place ({why}): {error}; notesd {} keeps serving",
+            crate::VERSION
+        );
+        tracing::error!("{message}");
+        self.control
+            .reload_done(&ReloadOutcome::Refused(message), clock::now());
+    }
+
+    fn exec_in_place(&mut self, state: &State, why: &str) -> HandoverError {
+        if !self.owned.sockets.is_settled() {
+            return HandoverError::NotNow(
+                "workers from before a change of server.bind are still draining; try again once they are gone".into(),
+            );
+        }
+        let record = match state.snapshot() {
+            Ok(snapshot) => self.handover_record(snapshot),
+            Err(e) => return HandoverError::NotNow(e),
+        };
+        let fd = match handover::write(&record) {
+            Ok(fd) => fd,
+            Err(e) => return e,
+        };
+        if let Err(e) = handover::probe(&self.exe, &fd) {
+            return e;
+        }
+        tracing::info!(
+            "upgrade ({why}): {} takes the handover; re-exec'ing in place as pid {}",
+            self.exe.display(),
+            std::process::id()
+        );
+        handover::exec(&self.exe, &fd, &record.fds())
+    }
+
+    fn handover_record(&self, state: state::Snapshot) -> Record {
+        Record {
+            version: handover::VERSION,
+            from: crate::VERSION.to_string(),
+            overrides: self.overrides.clone(),
+            listeners: self
+                .owned
+                .sockets
+                .for_generation(state.current)
+                .iter()
+                .map(|l| l.record())
+                .collect(),
+            activated: self.activated,
+            control: self.owned.control_socket.record(),
+            scoreboard_fd: self.board.fd().as_raw_fd(),
+            channels: self
+                .channels
+                .iter()
+                .map(|(pid, fd)| (*pid, fd.as_raw_fd()))
+                .collect(),
+            reload_waiters: self.control.reload_waiter_fds(),
+            pidfile: self.owned.pidfile.clone(),
+            state,
+        }
     }
 
     /// Sleep until a signal, a worker message, a control client, or the next tick.
@@ -396,7 +649,13 @@ impl Edge {
             .map_err(|e| e.to_string())?;
         let (pid, channel) = self
             .spawner
-            .spawn(generation, slot, config, &self.listeners, &self.board)
+            .spawn(
+                generation,
+                slot,
+                config,
+                self.owned.sockets.for_generation(generation),
+                &self.board,
+            )
             .map_err(|e| e.to_string())?;
         self.board
             .set_pid(slot, pid as u32)

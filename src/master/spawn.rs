@@ -89,7 +89,7 @@ impl Spawner {
         generation: u32,
         slot: u32,
         config: &Config,
-        listeners: &[Listener],
+        listeners: &[std::rc::Rc<Listener>],
         board: &Scoreboard,
     ) -> Result<(i32, OwnedFd), SpawnError> {
         let (master_end, worker_end) = socket::socketpair(

@@ -13,6 +13,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::{Config, MAX_WORKERS};
 use crate::ipc::ToMaster;
 
@@ -140,7 +142,7 @@ pub enum Action {
     Exit(i32),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WorkerState {
     Booting,
     Ready,
@@ -169,7 +171,7 @@ impl WorkerState {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Worker {
     pub pid: Pid,
     pub slot: u32,
@@ -225,7 +227,114 @@ pub struct State {
     pub boot_failures: u64,
 }
 
+/// What a master hands over to its re-exec'd self (see `master::handover`):
+/// the state of a settled master, enough to carry on where it left off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The config of every generation that still has a worker, and the current one.
+    pub configs: BTreeMap<u32, Config>,
+    pub current: u32,
+    /// The newest generation number handed out (the next one is + 1).
+    pub last_generation: u32,
+    pub target: u32,
+    pub workers: Vec<Worker>,
+    pub retire_queue: Vec<Pid>,
+    pub ever_ready: bool,
+    pub started_at: Duration,
+    pub resumed_at: Duration,
+    pub restarts: u64,
+    pub boot_failures: u64,
+}
+
 impl State {
+    /// The state to hand over, or why this is not the moment: only a master
+    /// that is running with no start, reload or shutdown under way hands over.
+    pub fn snapshot(&self) -> Result<Snapshot, String> {
+        match self.phase {
+            Phase::Starting => return Err("the first generation is still starting".into()),
+            Phase::Stopping { .. } => return Err("the master is shutting down".into()),
+            Phase::Running if self.reloading() => {
+                return Err("a reload is under way; try again once it completes".into());
+            }
+            Phase::Running => {}
+        }
+        let mut gens: Vec<u32> = self.workers.values().map(|w| w.generation).collect();
+        gens.push(self.current);
+        let configs = self
+            .configs
+            .iter()
+            .filter(|(g, _)| gens.contains(g))
+            .map(|(g, c)| (*g, (**c).clone()))
+            .collect();
+        Ok(Snapshot {
+            configs,
+            current: self.current,
+            last_generation: self
+                .configs
+                .keys()
+                .next_back()
+                .copied()
+                .unwrap_or(self.current),
+            target: self.target,
+            workers: self.workers.values().cloned().collect(),
+            retire_queue: self.retire_queue.iter().copied().collect(),
+            ever_ready: self.ever_ready,
+            started_at: self.started_at,
+            resumed_at: self.resumed_at,
+            restarts: self.restarts,
+            boot_failures: self.boot_failures,
+        })
+    }
+
+    /// Carry on from a snapshot (in the re-exec'd master). Generations whose
+    /// config did not come along get the current one's.
+    pub fn resume(snapshot: Snapshot, slots: u32, now: Duration) -> Result<State, String> {
+        let current_config = snapshot
+            .configs
+            .get(&snapshot.current)
+            .cloned()
+            .map(Arc::new)
+            .ok_or_else(|| format!("no config for generation {}", snapshot.current))?;
+        let mut configs: BTreeMap<u32, Arc<Config>> = snapshot
+            .configs
+            .into_iter()
+            .map(|(g, c)| (g, Arc::new(c)))
+            .collect();
+        for w in &snapshot.workers {
+            configs
+                .entry(w.generation)
+                .or_insert_with(|| current_config.clone());
+        }
+        // Generation numbers keep counting up from where the old image was.
+        configs
+            .entry(snapshot.last_generation)
+            .or_insert_with(|| current_config.clone());
+        Ok(State {
+            phase: Phase::Running,
+            configs,
+            current: snapshot.current,
+            pending: None,
+            target: snapshot.target,
+            workers: snapshot.workers.into_iter().map(|w| (w.pid, w)).collect(),
+            spawning: BTreeMap::new(),
+            slots,
+            reload_in_progress: false,
+            ever_ready: snapshot.ever_ready,
+            failures_in_row: 0,
+            backoff_until: Duration::ZERO,
+            last_boot_error: None,
+            // The exec took a moment: that is no stall of the master.
+            last_tick: Some(now),
+            resumed_at: snapshot.resumed_at,
+            retire_queue: snapshot.retire_queue.into_iter().collect(),
+            kill_all_sent: false,
+            exit_code: 0,
+            started_at: snapshot.started_at,
+            restarts: snapshot.restarts,
+            boot_failures: snapshot.boot_failures,
+        })
+    }
+
     pub fn new(config: Arc<Config>, slots: u32, now: Duration) -> State {
         let target = config.worker_count();
         let mut configs = BTreeMap::new();
@@ -281,6 +390,20 @@ impl State {
 
     pub fn target(&self) -> u32 {
         self.target
+    }
+
+    /// The number the next reload's generation gets.
+    pub fn next_generation(&self) -> u32 {
+        self.configs.keys().next_back().copied().unwrap_or(0) + 1
+    }
+
+    /// Every generation that has a worker, serves, or is starting.
+    pub fn live_generations(&self) -> std::collections::BTreeSet<u32> {
+        self.workers
+            .values()
+            .map(|w| w.generation)
+            .chain([self.current, self.generation()])
+            .collect()
     }
 
     pub fn config(&self) -> &Arc<Config> {
@@ -465,21 +588,13 @@ impl State {
                 return;
             }
         };
-        let old_binds = self.configs[&self.current].binds();
-        if config.binds() != old_binds {
-            out.push(Action::Log(
-                Level::Warn,
-                "server.bind changed: the listening sockets stay as they are until a restart"
-                    .into(),
-            ));
-        }
         if let Some(p) = self.pending.take() {
             out.push(Action::Log(
                 Level::Info,
                 format!("generation {} superseded before it was ready", p.generation),
             ));
         }
-        let generation = self.configs.keys().next_back().copied().unwrap_or(0) + 1;
+        let generation = self.next_generation();
         self.target = config.worker_count();
         out.push(Action::Log(
             Level::Info,

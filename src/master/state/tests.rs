@@ -610,3 +610,59 @@ fn a_shutdown_abandons_the_reload_and_a_reload_during_shutdown_is_refused() {
     ));
     assert!(!a.iter().any(|x| matches!(x, Action::Spawn { .. })));
 }
+
+#[test]
+fn a_settled_master_hands_over_and_the_new_image_carries_on() {
+    let mut sim = Sim::new(2);
+    assert!(sim.state.snapshot().is_err(), "not while starting");
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    sim.run(Event::Reload(Ok(config(2))));
+    assert!(sim.state.snapshot().is_err(), "not during a reload");
+    sim.ready_all_booting();
+    let old = sim.pids("stopping");
+    let snapshot = sim.state.snapshot().expect("settled");
+    // Across the exec it is JSON.
+    let json = serde_json::to_string(&snapshot).expect("encode");
+    let snapshot: Snapshot = serde_json::from_str(&json).expect("decode");
+    let mut resumed = State::resume(snapshot, 64, sim.now).expect("resume");
+    assert_eq!(resumed.generation(), 2);
+    assert_eq!(resumed.phase_name(), "running");
+    assert_eq!(
+        resumed
+            .workers()
+            .filter(|w| w.state.name() == "ready")
+            .count(),
+        2
+    );
+    // The draining workers of generation 1 are still supervised, and go.
+    for pid in &old {
+        let acts = resumed.handle(
+            Event::Exited {
+                pid: *pid,
+                how: ExitHow::Code(0),
+            },
+            sim.now,
+        );
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::Spawn { .. })),
+            "{acts:?}"
+        );
+    }
+    // The reload after the exec starts generation 3, not 1 again.
+    let acts = resumed.handle(Event::Reload(Ok(config(2))), sim.now);
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::Spawn { generation: 3, .. })),
+        "{acts:?}"
+    );
+}
+
+#[test]
+fn no_handover_while_stopping() {
+    let mut sim = Sim::new(1);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    sim.run(Event::Signal(Sig::Term));
+    assert!(sim.state.snapshot().is_err());
+}
