@@ -9,6 +9,7 @@
 // Each integration test crate compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod load;
 pub mod nginx;
 pub mod notes;
 
@@ -358,6 +359,9 @@ pub struct TestOptions {
     /// Send the master's stdout to `<dir>/stdout.log` instead of the log, so
     /// that the log (`log()`, the drop check) is its stderr alone.
     pub separate_stdout: bool,
+    /// Start the master from this binary instead of `BIN` (the upgrade tests
+    /// replace the file at this path, as a package upgrade does).
+    pub exe: Option<PathBuf>,
 }
 
 impl Default for TestOptions {
@@ -382,6 +386,7 @@ impl Default for TestOptions {
             inherit_fds: Vec::new(),
             client_socket: None,
             separate_stdout: false,
+            exe: None,
         }
     }
 }
@@ -537,7 +542,12 @@ impl TestServer {
         let log2 = log.try_clone().expect("clone the log file handle");
         let config = self.paths.config.display().to_string();
         let mut cmd = match &self.opts.sh_prefix {
-            None => notesd_cmd(["serve", "-c", config.as_str()]),
+            None => {
+                let mut cmd = Command::new(self.opts.exe.as_deref().unwrap_or(Path::new(BIN)));
+                cmd.args(["serve", "-c", config.as_str()]);
+                clean_env(&mut cmd);
+                cmd
+            }
             Some(prefix) => {
                 let mut cmd = Command::new("/bin/sh");
                 cmd.arg("-c")
