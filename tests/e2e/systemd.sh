@@ -26,7 +26,11 @@
 #      after server.timeout
 #   7. the watchdog: a SIGSTOPped master is restarted by systemd
 #   8. `dpkg -i` of the package again under load: 0 failed, socket inode
-#      unchanged, the service reloaded (not restarted), socket not restarted
+#      unchanged, the service reloaded (not restarted), socket not restarted;
+#      then of the next release B (this tree built with another version and
+#      one more, backward-compatible, migration: tests/build-variants.sh,
+#      packaged like A): the same, and the master re-exec'd in place (MainPID
+#      kept), every process running B, B's migration applied
 #   9. `systemctl stop`: clean exit, no process left in the unit
 #  10. `apt purge notesd`: nothing of the package left
 #
@@ -113,6 +117,25 @@ DEB=$(e2e_deb)
 DEB_NAME=$(basename "$DEB")
 say "package $DEB_NAME"
 
+# B, the next release: this tree built as tests/build-variants.sh's notesd-b
+# (another version, one more migration, marked backward-compatible), put in
+# A's package in place of A's binary, under B's version.
+say "the next release, B: tests/build-variants.sh, packaged from A's .deb"
+variants=$(bash tests/build-variants.sh)
+B_VERSION=$("$variants/notesd-b" --version | awk '{print $2}')
+[[ -n $B_VERSION && $B_VERSION != "$(dpkg-deb -f "$DEB" Version | sed 's/-[^-]*$//')" ]] ||
+    fail "notesd-b reports version '$B_VERSION', not another one"
+dpkg-deb -R "$DEB" "$T/deb-b"
+objcopy --strip-debug "$variants/notesd-b" "$T/deb-b/usr/bin/notesd"
+sed -i "s/^Version: .*/Version: $B_VERSION-1/" "$T/deb-b/DEBIAN/control"
+if [[ -f $T/deb-b/DEBIAN/md5sums ]]; then
+    sed -i "\\| usr/bin/notesd\$|d" "$T/deb-b/DEBIAN/md5sums"
+    (cd "$T/deb-b" && md5sum usr/bin/notesd) >>"$T/deb-b/DEBIAN/md5sums"
+fi
+DEB_B_NAME=notesd_${B_VERSION}-1_amd64.deb
+dpkg-deb --root-owner-group -Zgzip -b "$T/deb-b" "$T/$DEB_B_NAME" >/dev/null
+measured "B" "$DEB_B_NAME ($(stat -c %s "$T/$DEB_B_NAME") bytes)"
+
 # ---------------------------------------------------------------- PostgreSQL
 say "a private PostgreSQL cluster on a unix socket ($PGBIN)"
 install -d -o postgres -g postgres -m 0700 "$T/pg"
@@ -149,6 +172,7 @@ done
 rm -f "$R/usr/sbin/policy-rc.d"
 printf '127.0.0.1 notes.example.com\n127.0.1.1 %s\n' "$MACHINE" >>"$R/etc/hosts"
 cp "$DEB" "$R/srv/$DEB_NAME"
+cp "$T/$DEB_B_NAME" "$R/srv/$DEB_B_NAME"
 # Nothing of a notesd may be in the image this container starts from.
 for p in /etc/notesd /var/lib/notesd /usr/bin/notesd /etc/nginx/sites-enabled/notesd; do
     [[ ! -e $R$p ]] || fail "$p exists on this machine; the container would inherit it"
@@ -198,6 +222,9 @@ socket_kept() { # socket_kept STEP
     [[ $now == "$INODE" ]] || fail "$1 replaced the socket (inode $INODE → $now)"
     [[ $perms == "660 notesd:www-data" ]] || fail "after $1 the socket is $perms, not 660 notesd:www-data"
 }
+# Does notesd's journal have a line matching PATTERN? (grep reads it all:
+# `grep -q` would end the pipe early, and pipefail would call that a failure.)
+journal_has() { (($(C journalctl -u notesd -o cat --no-pager | grep -c -- "$1" || true) > 0)); }
 # A journal position: what was logged after it is what a step logged.
 journal_cursor() { C journalctl -n 1 -o json --no-pager | jq -r .__CURSOR; }
 journal_count() { # journal_count CURSOR PATTERN [journalctl args…]: matching lines logged since
@@ -294,12 +321,12 @@ S=$(status_json)
 WORKERS=$(jq .target_workers <<<"$S")
 MAINPID=$(unit_prop notesd MainPID)
 [[ $(jq .master_pid <<<"$S") == "$MAINPID" ]] || fail "status names master $(jq .master_pid <<<"$S"), systemd's MainPID is $MAINPID"
-[[ $(C journalctl -u notesd -o cat --no-pager | grep -c 'socket activation') -ge 1 ]] ||
+journal_has 'socket activation' ||
     fail "notesd did not take its socket from notesd.socket"
 INODE=$(socket_inode)
 [[ $(C stat -c '%a %U:%G' /run/notesd/notesd.sock) == "660 notesd:www-data" ]] || fail "socket is $(C stat -c '%a %U:%G' /run/notesd/notesd.sock)"
 measured "units" "notesd.socket active, notesd.service active (MainPID $MAINPID, $WORKERS workers, generation $GEN)"
-if C journalctl -u notesd -o cat --no-pager | grep -q 'already exists, skipping'; then
+if journal_has 'already exists, skipping'; then
     fail "the start logged PostgreSQL's 'already exists, skipping' notice"
 fi
 
@@ -425,7 +452,7 @@ killed_ms=$(($(now_ms) - t0))
 [[ -n $gone ]] || fail "SIGSTOPped workers $replacement (replacement) and $original not killed within 15 s (timeout 5)"
 ((killed_ms >= 4000 && killed_ms <= 7500)) || fail "the stopped workers were killed after $killed_ms ms, not after timeout (5 s)"
 for p in "$replacement" "$original"; do
-    [[ $(C journalctl -u notesd -o cat --no-pager | grep -c "worker $p timed out") -ge 1 ]] || fail "no timeout line for worker $p"
+    journal_has "worker $p timed out" || fail "no timeout line for worker $p"
 done
 wait_serving 20 >/dev/null || fail "notesd did not get back to full strength"
 measured "stopped replacement + original killed" "after $killed_ms ms (timeout 5 s), both logged with the request they served"
@@ -448,7 +475,7 @@ done
 restarted_ms=$(($(now_ms) - t0))
 wait_serving 30 >/dev/null || fail "notesd did not serve after the watchdog restart"
 [[ $(unit_prop notesd NRestarts) -gt $restarts0 ]] || fail "NRestarts did not grow"
-C journalctl -u notesd -o cat --no-pager | grep -q 'Watchdog timeout' || fail "no 'Watchdog timeout' in the journal"
+journal_has 'Watchdog timeout' || fail "no 'Watchdog timeout' in the journal"
 C kill -0 "$MAINPID" 2>/dev/null && fail "the stopped master $MAINPID is still there"
 MAINPID=$pid
 socket_kept "the watchdog restart"
@@ -471,6 +498,39 @@ socket_kept "dpkg -i"
 gen=$(jq .generation <<<"$(status_json)")
 ((gen > gen0)) || fail "dpkg -i did not reload notesd (generation $gen0 → $gen)"
 measured "dpkg -i (postinst: migrate + reload)" "$dpkg_ms ms; generation $gen0 → $gen; master $MAINPID and socket inode kept"
+
+say "8b. dpkg -i of the next release (B) over A, under load"
+gen0=$(jq .generation <<<"$(status_json)")
+load_start upgrade-b
+t0=$(now_ms)
+# The README's `sudo dpkg -i notesd_…_amd64.deb`, with B's file.
+grep -qE '^sudo dpkg -i notesd_[^ ]+_amd64\.deb$' README.md || fail "the README shows no 'sudo dpkg -i notesd_…_amd64.deb'"
+C bash -c "cd /srv && sudo dpkg -i $DEB_B_NAME" >"$T/dpkg-b.log" 2>&1 || fail "dpkg -i B: $(tail -n 20 "$T/dpkg-b.log")"
+dpkg_b_ms=$(($(now_ms) - t0))
+S=$(status_json)
+sleep 2
+load_stop
+load_report "dpkg -i B"
+socket_kept "dpkg -i B"
+[[ $(unit_prop notesd.socket ActiveEnterTimestampMonotonic) == "$socket_since" ]] || fail "dpkg -i B restarted notesd.socket"
+[[ $(unit_prop notesd MainPID) == "$MAINPID" ]] || fail "dpkg -i B changed the MainPID ($MAINPID → $(unit_prop notesd MainPID))"
+[[ $(jq -r .version <<<"$S") == "$B_VERSION" ]] || fail "after dpkg -i B, status says version $(jq -r .version <<<"$S")"
+generation_serving "$S" >/dev/null || fail "dpkg -i B returned before B served: $S"
+for _ in $(seq 100); do
+    S=$(status_json)
+    jq -e '.generation as $g | all(.workers[]; .generation == $g)' <<<"$S" >/dev/null && break
+    sleep 0.1
+done
+for pid in "$MAINPID" $(jq -r '.workers[].pid' <<<"$S"); do
+    exe=$(C readlink "/proc/$pid/exe")
+    [[ $exe == /usr/bin/notesd ]] || fail "process $pid runs $exe after the upgrade, not /usr/bin/notesd (B)"
+done
+journal_has "re-exec'd in place: notesd $B_VERSION took over" ||
+    fail "no re-exec line in the journal"
+migrations=$(C notesd migrate --status)
+grep -Eq '^2 +applied .*\[backward-compatible\]' <<<"$migrations" ||
+    fail "B's migration is not applied: $migrations"
+measured "dpkg -i B (re-exec + reload)" "$dpkg_b_ms ms; MainPID $MAINPID kept, version $B_VERSION, generation $gen0 → $(jq .generation <<<"$S"), master and workers run B, B's migration applied"
 
 # ---------------------------------------------------------------- 9. stop
 say "9. systemctl stop: clean, nothing left in the unit"
