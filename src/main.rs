@@ -212,8 +212,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Install logging; a warning about it (journald missing) is logged by the
 /// caller once its span is entered, so it carries the role and pid.
-fn init_log(cfg: &Config) -> Option<String> {
-    match notesd::log::init(&cfg.log) {
+fn init_log(log: &notesd::config::LogConfig) -> Option<String> {
+    match notesd::log::init(log) {
         Ok(warning) => warning,
         Err(e) => {
             eprintln!("notesd: logging: {e}");
@@ -240,30 +240,19 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
                 database_url,
             };
             let cfg = load(&o)?;
-            let warning = init_log(&cfg);
-            let span = tracing::info_span!("master", pid = std::process::id());
-            let _entered = span.enter();
-            if let Some(w) = warning {
-                tracing::warn!("{w}");
-            }
-            match notesd::master::run(cfg, o) {
-                Ok(code) => Ok(code),
-                Err(e) => {
-                    tracing::error!("{e}");
-                    Err(Exit(e.exit_code(), e.to_string()).into())
-                }
-            }
+            let log = cfg.log.clone();
+            as_master(Some(&log), || notesd::master::run(cfg, o))
         }
         Command::Migrate { config, status } => {
             let cfg = load(&overrides(config))?;
-            if let Some(w) = init_log(&cfg) {
+            if let Some(w) = init_log(&cfg.log) {
                 tracing::warn!("{w}");
             }
             runtime()?.block_on(migrate(&cfg, status))
         }
         Command::Seed { config, count } => {
             let cfg = load(&overrides(config))?;
-            if let Some(w) = init_log(&cfg) {
+            if let Some(w) = init_log(&cfg.log) {
                 tracing::warn!("{w}");
             }
             runtime()?.block_on(async {
@@ -328,20 +317,30 @@ fn resume() -> anyhow::Result<i32> {
         .context("no handover")?
         .map_err(|e| Exit(1, e.to_string()))?;
     let (record, fds) = taken;
-    let current = record.state.configs.get(&record.state.current).cloned();
-    let warning = current.as_ref().and_then(init_log);
+    let log = record
+        .state
+        .configs
+        .get(&record.state.current)
+        .map(|c| c.log.clone());
+    as_master(log.as_ref(), || notesd::master::resume(record, fds))
+}
+
+/// Run a master with logging set up from `log`, inside the master's span; its
+/// error is logged there and leaves with its exit code.
+fn as_master(
+    log: Option<&notesd::config::LogConfig>,
+    master: impl FnOnce() -> Result<i32, notesd::master::MasterError>,
+) -> anyhow::Result<i32> {
+    let warning = log.and_then(init_log);
     let span = tracing::info_span!("master", pid = std::process::id());
     let _entered = span.enter();
     if let Some(w) = warning {
         tracing::warn!("{w}");
     }
-    match notesd::master::resume(record, fds) {
-        Ok(code) => Ok(code),
-        Err(e) => {
-            tracing::error!("{e}");
-            Err(Exit(e.exit_code(), e.to_string()).into())
-        }
-    }
+    master().map_err(|e| {
+        tracing::error!("{e}");
+        Exit(e.exit_code(), e.to_string()).into()
+    })
 }
 
 /// The man page and completions come from the same clap definition as the CLI.
