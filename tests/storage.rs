@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use common::notes::*;
 use common::*;
 use serde_json::{Value, json};
-use sqlx::{AssertSqlSafe, Connection};
 
 both_backends!(
     migrate_is_idempotent_and_reports_status,
@@ -28,67 +27,6 @@ both_backends!(
     serve_refuses_a_newer_schema,
     notes_survive_reload_worker_kill_and_restart,
 );
-
-// ---------------------------------------------------------------------------
-// Direct SQL
-// ---------------------------------------------------------------------------
-
-fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(async {
-            tokio::time::timeout(Duration::from_secs(15), f)
-                .await
-                .expect("direct SQL took over 15 s")
-        })
-}
-
-/// Evaluates `$body` with `$c` connected straight to the test database
-/// (bypassing notesd), whichever the backend; the connection is closed after.
-macro_rules! with_conn {
-    ($db:expr, |$c:ident| $body:expr) => {
-        block_on(async {
-            match $db.backend {
-                Backend::Sqlite => {
-                    with_conn!(@on sqlx::SqliteConnection, "connect to SQLite", $db, $c, $body)
-                }
-                Backend::Postgres => {
-                    with_conn!(@on sqlx::PgConnection, "connect to PostgreSQL", $db, $c, $body)
-                }
-            }
-        })
-    };
-    (@on $conn:ty, $what:literal, $db:expr, $c:ident, $body:expr) => {{
-        let mut $c = <$conn>::connect(&$db.url).await.expect($what);
-        let out = $body;
-        let _ = $c.close().await;
-        out
-    }};
-}
-
-/// Runs `statements` on the test database, bypassing notesd.
-fn sql_exec(db: &Db, statements: &str) {
-    let sql = AssertSqlSafe(statements.to_string());
-    with_conn!(db, |c| {
-        sqlx::raw_sql(sql)
-            .execute(&mut c)
-            .await
-            .unwrap_or_else(|e| panic!("{statements}: {e}"));
-    });
-}
-
-/// One integer from `query` on the test database, bypassing notesd.
-fn sql_i64(db: &Db, query: &str) -> i64 {
-    let sql = AssertSqlSafe(query.to_string());
-    with_conn!(db, |c| {
-        sqlx::query_scalar::<_, i64>(sql)
-            .fetch_one(&mut c)
-            .await
-            .unwrap_or_else(|e| panic!("{query}: {e}"))
-    })
-}
 
 /// Does `notes` exist? (serve must not have created it on its own.)
 fn notes_table_exists(db: &Db) -> bool {

@@ -1,23 +1,25 @@
-//! Write-invalidated cache of `GET /api/notes` pages, one per worker.
+//! A cache of `GET /api/notes` pages, one per worker, that is never stale.
 //!
-//! The list is the hot read, and on two cores its database round trip costs
-//! more than everything else a request does. Each worker keeps the pages it
-//! served, tagged with the **write generation**: a counter in the scoreboard
-//! header that a worker bumps after every write (POST, PUT, PATCH, DELETE,
-//! whatever its outcome, also when the request timeout cuts it short) and
-//! before the write's response leaves. A page is served from the cache only
-//! while the generation is unchanged and the page is younger than
-//! `http.list_cache_ms`.
+//! The list is the hot read, and on two cores its query and its rows' JSON
+//! cost more than anything else a request does. Each worker keeps the pages it
+//! served with two things read *before* the page's query:
 //!
-//! So no client reads past a write made through this server: read-your-writes
-//! holds across workers and across generations (the counter lives in the
-//! master's scoreboard). Writes that bypass it (another host on the same
-//! database, psql, `notesd seed` while serving) show within `list_cache_ms`.
-//! `list_cache_ms = 0` turns the cache off.
+//! - the **write generation**, a counter in the scoreboard header that every
+//!   worker on this host bumps after each write (POST, PUT, PATCH, DELETE,
+//!   whatever its outcome) and before the write's response leaves: a local,
+//!   free check;
+//! - the database's **commit token** ([`CommitToken`]: PostgreSQL's
+//!   `pg_current_snapshot()`, SQLite's `data_version`), which moves whenever a
+//!   transaction commits anywhere: another host, psql, `notesd seed`, a
+//!   migration.
 //!
-//! The generation is read *before* the query: a page tagged `g` was read after
-//! every write that had bumped the counter to `g` had committed, so it can be
-//! older than a later write only if that write bumped the counter past `g`.
+//! A page is served again only while both are unchanged (the token is asked
+//! of the database again: one `SELECT pg_current_snapshot()` round trip, or a
+//! pragma), and while it is younger than `http.list_cache_ms`. Read before
+//! the query, a token can only be older than the page (a commit between the
+//! two makes the next check miss, never hit), so every note committed before
+//! a list request started is in the page it gets: read-your-writes across
+//! workers and hosts. `list_cache_ms = 0` turns the cache off.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -25,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::header::HeaderValue;
+
+use crate::store::{CommitToken, Store, StoreError};
 
 /// Pages bigger than this are not kept (200 notes with long bodies).
 const MAX_PAGE_BYTES: usize = 256 * 1024;
@@ -44,6 +48,7 @@ pub struct Page {
 
 struct Entry {
     generation: u64,
+    token: CommitToken,
     at: Instant,
     page: Page,
 }
@@ -51,6 +56,11 @@ struct Entry {
 pub struct ListCache {
     ttl: Duration,
     pages: Mutex<Pages>,
+    /// The last commit token read, and when its query started. One token
+    /// query runs at a time per worker: a request reuses the result of one
+    /// that started after it arrived (that token is as new as one of its own),
+    /// so under load one round trip answers a whole batch of list requests.
+    token: tokio::sync::Mutex<Option<(Instant, CommitToken)>>,
 }
 
 #[derive(Default)]
@@ -65,7 +75,23 @@ impl ListCache {
         ListCache {
             ttl,
             pages: Mutex::new(Pages::default()),
+            token: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// A commit token read after `since` (the request's arrival): every
+    /// transaction committed before `since` is behind it.
+    pub async fn token(&self, store: &Store, since: Instant) -> Result<CommitToken, StoreError> {
+        let mut last = self.token.lock().await;
+        if let Some((started, token)) = &*last
+            && *started >= since
+        {
+            return Ok(token.clone());
+        }
+        let started = Instant::now();
+        let token = store.commit_token().await?;
+        *last = Some((started, token.clone()));
+        Ok(token)
     }
 
     pub fn enabled(&self) -> bool {
@@ -78,22 +104,25 @@ impl ListCache {
         self.pages.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The page for `key`, if it was read at `generation` less than the TTL ago.
-    pub fn get(&self, key: Key, generation: u64, now: Instant) -> Option<Page> {
+    /// The page for `key`, if it was read at `generation` less than the TTL
+    /// ago, with the commit token it was read at: the caller serves it only if
+    /// the database's token is still that one.
+    pub fn get(&self, key: Key, generation: u64, now: Instant) -> Option<(Page, CommitToken)> {
         if !self.enabled() {
             return None;
         }
         let pages = self.pages();
         let e = pages.map.get(&key)?;
-        self.fresh(e, generation, now).then(|| e.page.clone())
+        self.fresh(e, generation, now)
+            .then(|| (e.page.clone(), e.token.clone()))
     }
 
     fn fresh(&self, e: &Entry, generation: u64, now: Instant) -> bool {
         e.generation == generation && now.saturating_duration_since(e.at) < self.ttl
     }
 
-    /// Keep `page`, read at `generation` (the counter's value *before* the query).
-    pub fn put(&self, key: Key, generation: u64, now: Instant, page: Page) {
+    /// Keep `page`, read at `generation` and `token` (both taken *before* the query).
+    pub fn put(&self, key: Key, generation: u64, token: CommitToken, now: Instant, page: Page) {
         let size = page.body.len();
         if !self.enabled() || size > MAX_PAGE_BYTES {
             return;
@@ -115,6 +144,7 @@ impl ListCache {
             key,
             Entry {
                 generation,
+                token,
                 at: now,
                 page,
             },
@@ -125,6 +155,8 @@ impl ListCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const T: CommitToken = CommitToken::Lite(1);
 
     fn page(n: usize) -> Page {
         Page {
@@ -137,7 +169,7 @@ mod tests {
     fn a_page_is_served_while_nothing_was_written_and_it_is_young() {
         let c = ListCache::new(Duration::from_millis(250));
         let t0 = Instant::now();
-        c.put((50, None), 7, t0, page(10));
+        c.put((50, None), 7, T, t0, page(10));
         assert!(
             c.get((50, None), 7, t0 + Duration::from_millis(100))
                 .is_some()
@@ -155,7 +187,7 @@ mod tests {
     fn zero_ttl_keeps_nothing() {
         let c = ListCache::new(Duration::ZERO);
         let t0 = Instant::now();
-        c.put((50, None), 1, t0, page(10));
+        c.put((50, None), 1, T, t0, page(10));
         assert!(c.get((50, None), 1, t0).is_none());
     }
 
@@ -163,17 +195,17 @@ mod tests {
     fn size_is_bounded() {
         let c = ListCache::new(Duration::from_secs(1));
         let t0 = Instant::now();
-        c.put((1, None), 1, t0, page(MAX_PAGE_BYTES + 1));
+        c.put((1, None), 1, T, t0, page(MAX_PAGE_BYTES + 1));
         assert!(c.get((1, None), 1, t0).is_none(), "page too big");
         for i in 0..(MAX_PAGES as i64 + 10) {
-            c.put((1, Some(i)), 1, t0, page(100));
+            c.put((1, Some(i)), 1, T, t0, page(100));
         }
         let pages = c.pages();
         assert!(pages.map.len() <= MAX_PAGES);
         assert_eq!(pages.bytes, pages.map.len() * 100);
         drop(pages);
         for i in 0..40 {
-            c.put((2, Some(i)), 1, t0, page(MAX_PAGE_BYTES));
+            c.put((2, Some(i)), 1, T, t0, page(MAX_PAGE_BYTES));
         }
         assert!(c.pages().bytes <= MAX_BYTES);
     }

@@ -65,11 +65,18 @@ pub fn parse_id(s: &str) -> Option<i64> {
 pub async fn list(app: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let q = ListQuery::parse(req.uri().query())?;
     let key = (q.limit, q.before);
-    // Both read before the query: see `list_cache` on why the order matters;
-    // the page's age counts from then, so `list_cache_ms` bounds its staleness.
+    // All read before the query: see `list_cache` on why the order matters.
     let generation = app.slot.board().write_generation();
     let read_at = std::time::Instant::now();
-    if let Some(page) = app.list_cache.get(key, generation, read_at) {
+    let cached = app.list_cache.get(key, generation, read_at);
+    let token = if app.list_cache.enabled() {
+        Some(app.list_cache.token(&app.store, read_at).await?)
+    } else {
+        None
+    };
+    if let (Some((page, read_with)), Some(now)) = (cached, &token)
+        && read_with == *now
+    {
         return Ok(page_response(page));
     }
     let notes = app.store.list_notes(q.limit, q.before).await?;
@@ -85,7 +92,10 @@ pub async fn list(app: &AppState, req: &Request<Incoming>) -> Result<Response<Bo
         body: super::json_bytes(&notes.notes),
         link,
     };
-    app.list_cache.put(key, generation, read_at, page.clone());
+    if let Some(token) = token {
+        app.list_cache
+            .put(key, generation, token, read_at, page.clone());
+    }
     Ok(page_response(page))
 }
 

@@ -84,7 +84,43 @@ fn unavailable(e: &sqlx::Error) -> bool {
 #[derive(Clone, Debug)]
 pub enum Store {
     Postgres(PgPool),
-    Sqlite(SqlitePool),
+    Sqlite(Lite),
+}
+
+/// SQLite: the pool, and one connection that only watches for commits
+/// (see [`Store::commit_token`]).
+#[derive(Clone)]
+pub struct Lite {
+    pool: SqlitePool,
+    options: std::sync::Arc<SqliteConnectOptions>,
+    /// Opened on first use; `PRAGMA data_version` on it changes whenever any
+    /// other connection (any worker, `notesd seed`, the sqlite3 shell) commits.
+    watcher: std::sync::Arc<tokio::sync::Mutex<Option<SqliteConnection>>>,
+}
+
+impl std::fmt::Debug for Lite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lite").finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for Lite {
+    type Target = SqlitePool;
+    fn deref(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+/// Changes whenever a transaction commits anywhere in the database, by any
+/// client: equal tokens mean nothing was committed in between. PostgreSQL:
+/// `pg_current_snapshot()` (xmin:xmax:in-progress xids — any transaction
+/// that wrote moves it, in this database or another of the cluster, which
+/// costs at most a needless re-read). SQLite: `PRAGMA data_version` on the
+/// watcher connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitToken {
+    Pg(String),
+    Lite(i64),
 }
 
 /// Who is connecting: workers never create the SQLite file; `migrate` does.
@@ -152,6 +188,7 @@ impl Store {
                     .synchronous(SqliteSynchronous::Full)
                     .busy_timeout(SQLITE_BUSY_TIMEOUT)
                     .foreign_keys(true);
+                let opts_for_watcher = opts.clone();
                 let pool = SqlitePool::connect(
                     opts,
                     PoolOptions {
@@ -164,7 +201,11 @@ impl Store {
                 )
                 .await
                 .map_err(connect_err)?;
-                Ok(Store::Sqlite(pool))
+                Ok(Store::Sqlite(Lite {
+                    pool,
+                    options: std::sync::Arc::new(opts_for_watcher),
+                    watcher: Default::default(),
+                }))
             }
         }
     }
@@ -222,6 +263,32 @@ impl Store {
             .rows_affected(),
         };
         Ok(done)
+    }
+
+    /// The database's [`CommitToken`] now (one round trip on PostgreSQL, a
+    /// pragma on SQLite).
+    pub async fn commit_token(&self) -> Result<CommitToken, StoreError> {
+        match self {
+            Store::Postgres(_) => Ok(CommitToken::Pg(self.pg_snapshot().await?)),
+            Store::Sqlite(lite) => {
+                use sqlx::Connection;
+                let mut watcher = lite.watcher.lock().await;
+                if watcher.is_none() {
+                    *watcher = Some(SqliteConnection::connect_with(&lite.options).await?);
+                }
+                let Some(conn) = watcher.as_mut() else {
+                    return Err(StoreError::Query(sqlx::Error::PoolClosed));
+                };
+                let version: Result<i64, sqlx::Error> = sqlx::query_scalar("PRAGMA data_version")
+                    .fetch_one(&mut *conn)
+                    .await;
+                if version.is_err() {
+                    // Reopened on the next call.
+                    *watcher = None;
+                }
+                Ok(CommitToken::Lite(version?))
+            }
+        }
     }
 
     /// Refuse a schema this binary cannot serve: behind (run migrate), or

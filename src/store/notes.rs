@@ -258,6 +258,15 @@ impl Store {
         Ok(Page { notes, more })
     }
 
+    /// `pg_current_snapshot()` as text (see [`super::CommitToken`]).
+    pub(super) async fn pg_snapshot(&self) -> Result<String, StoreError> {
+        with_conn!(read self, |p, sql, note| {
+            sqlx::query_scalar::<_, String>("SELECT pg_current_snapshot()::text")
+                .fetch_one(p)
+                .await?
+        })
+    }
+
     pub async fn get_note(&self, id: i64) -> Result<Option<Note>, StoreError> {
         with_conn!(read self, |p, sql, note| {
             let row = sqlx::query(sql.get).bind(id).fetch_optional(p).await?;

@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
+use sqlx::{AssertSqlSafe, Connection};
 
 use super::{
     CmdOutput, HttpConn, HttpError, PgDatabase, Response, ServerPaths, TempDir, TestOptions,
@@ -594,4 +595,65 @@ impl Metrics {
     pub fn total_requests(&self) -> f64 {
         self.sum("notesd_http_requests_total")
     }
+}
+
+// ---------------------------------------------------------------------------
+// Direct SQL (bypassing notesd): sqlx is a dependency already, no CLI needed
+// ---------------------------------------------------------------------------
+
+pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(15), f)
+                .await
+                .expect("direct SQL took over 15 s")
+        })
+}
+
+/// Evaluates `$body` with `$c` connected straight to the test database
+/// (bypassing notesd), whichever the backend; the connection is closed after.
+macro_rules! with_conn {
+    ($db:expr, |$c:ident| $body:expr) => {
+        block_on(async {
+            match $db.backend {
+                Backend::Sqlite => {
+                    with_conn!(@on sqlx::SqliteConnection, "connect to SQLite", $db, $c, $body)
+                }
+                Backend::Postgres => {
+                    with_conn!(@on sqlx::PgConnection, "connect to PostgreSQL", $db, $c, $body)
+                }
+            }
+        })
+    };
+    (@on $conn:ty, $what:literal, $db:expr, $c:ident, $body:expr) => {{
+        let mut $c = <$conn>::connect(&$db.url).await.expect($what);
+        let out = $body;
+        let _ = $c.close().await;
+        out
+    }};
+}
+
+/// Runs `statements` on the test database, bypassing notesd.
+pub fn sql_exec(db: &Db, statements: &str) {
+    let sql = AssertSqlSafe(statements.to_string());
+    with_conn!(db, |c| {
+        sqlx::raw_sql(sql)
+            .execute(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{statements}: {e}"));
+    });
+}
+
+/// One integer from `query` on the test database, bypassing notesd.
+pub fn sql_i64(db: &Db, query: &str) -> i64 {
+    let sql = AssertSqlSafe(query.to_string());
+    with_conn!(db, |c| {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{query}: {e}"))
+    })
 }
