@@ -9,6 +9,7 @@
 // Each integration test crate compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod hosts;
 pub mod load;
 pub mod nginx;
 pub mod notes;
@@ -362,6 +363,11 @@ pub struct TestOptions {
     /// Start the master from this binary instead of `BIN` (the upgrade tests
     /// replace the file at this path, as a package upgrade does).
     pub exe: Option<PathBuf>,
+    /// Run the master through this command (e.g. `ip netns exec NS`), which
+    /// must exec it (the pid stays the master's).
+    pub wrap: Vec<String>,
+    /// More `server.bind` entries after the test's unix socket (e.g. a TCP address).
+    pub extra_binds: Vec<String>,
 }
 
 impl Default for TestOptions {
@@ -387,6 +393,8 @@ impl Default for TestOptions {
             client_socket: None,
             separate_stdout: false,
             exe: None,
+            wrap: Vec::new(),
+            extra_binds: Vec::new(),
         }
     }
 }
@@ -446,7 +454,11 @@ pub fn render_config(paths: &ServerPaths, opts: &TestOptions) -> String {
          max_requests_jitter = {jitter}\n\
          control_socket = {control}\n\
          pidfile = {pidfile}\n",
-        bind = toml_str(&format!("unix:{}", paths.socket.display())),
+        bind = std::iter::once(format!("unix:{}", paths.socket.display()))
+            .chain(opts.extra_binds.iter().cloned())
+            .map(|b| toml_str(&b))
+            .collect::<Vec<_>>()
+            .join(", "),
         workers = opts.workers,
         timeout = opts.timeout,
         graceful = opts.graceful_timeout,
@@ -543,7 +555,15 @@ impl TestServer {
         let config = self.paths.config.display().to_string();
         let mut cmd = match &self.opts.sh_prefix {
             None => {
-                let mut cmd = Command::new(self.opts.exe.as_deref().unwrap_or(Path::new(BIN)));
+                let exe = self.opts.exe.as_deref().unwrap_or(Path::new(BIN));
+                let mut cmd = match self.opts.wrap.split_first() {
+                    Some((first, rest)) => {
+                        let mut cmd = Command::new(first);
+                        cmd.args(rest).arg(exe);
+                        cmd
+                    }
+                    None => Command::new(exe),
+                };
                 cmd.args(["serve", "-c", config.as_str()]);
                 clean_env(&mut cmd);
                 cmd

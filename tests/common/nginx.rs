@@ -87,6 +87,10 @@ pub struct NginxOptions {
     pub upstream_keepalive_timeout: u64,
     /// `worker_processes`.
     pub workers: u32,
+    /// The upstream's `server` lines (e.g. `10.0.0.11:8000 max_fails=3`) and
+    /// further directives, instead of the one unix socket: several hosts.
+    pub upstream_servers: Vec<String>,
+    pub upstream_extra: Vec<String>,
 }
 
 impl Default for NginxOptions {
@@ -96,6 +100,8 @@ impl Default for NginxOptions {
             upstream_keepalive: 32,
             upstream_keepalive_timeout: 4,
             workers: 1,
+            upstream_servers: Vec::new(),
+            upstream_extra: Vec::new(),
         }
     }
 }
@@ -114,6 +120,8 @@ pub struct AccessEntry {
     pub request_time: f64,
     pub method: String,
     pub uri: String,
+    /// `$upstream_addr`: every address tried, in order ("a, b" when retried).
+    pub upstream_addr: String,
 }
 
 impl AccessEntry {
@@ -129,6 +137,8 @@ impl AccessEntry {
         let upstream_status = quoted.next()?.to_string();
         let mid = quoted.next()?;
         let request = quoted.next()?;
+        let _ = quoted.next();
+        let upstream_addr = quoted.next().unwrap_or_default().to_string();
         let mut h = head.split_whitespace();
         let msec = h.next()?.parse().ok()?;
         let status = h.next()?.parse().ok()?;
@@ -141,6 +151,7 @@ impl AccessEntry {
             request_time,
             method: method.to_string(),
             uri: uri.to_string(),
+            upstream_addr,
         })
     }
 }
@@ -336,6 +347,19 @@ fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// The `server` lines (and extra directives) of the upstream block.
+fn upstream_lines(upstream: &Path, o: &NginxOptions) -> String {
+    if o.upstream_servers.is_empty() {
+        return format!("        server unix:{} max_fails=0;", upstream.display());
+    }
+    o.upstream_servers
+        .iter()
+        .map(|s| format!("        server {s};"))
+        .chain(o.upstream_extra.iter().map(|d| format!("        {d};")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The config: production's proxying directives, a test's paths and port.
 fn render_conf(prefix: &Path, upstream: &Path, port: u16, o: &NginxOptions) -> String {
     let p = prefix.display();
@@ -367,14 +391,14 @@ http {{
     uwsgi_temp_path {p}/uwsgi;
     scgi_temp_path {p}/scgi;
 
-    log_format chaos '$msec $status "$upstream_status" $request_time "$request_method $request_uri"';
+    log_format chaos '$msec $status "$upstream_status" $request_time "$request_method $request_uri" "$upstream_addr"';
     access_log {p}/access.log chaos;
 
     keepalive_timeout 75s;
     keepalive_requests 1000000;
 
     upstream notesd {{
-        server unix:{sock} max_fails=0;
+{servers}
         keepalive {keepalive};
         keepalive_timeout {ka_timeout}s;
         keepalive_requests 10000;
@@ -405,7 +429,7 @@ http {{
 }}
 "#,
         workers = o.workers,
-        sock = upstream.display(),
+        servers = upstream_lines(upstream, o),
         keepalive = o.upstream_keepalive,
         ka_timeout = o.upstream_keepalive_timeout,
         read_timeout = o.read_timeout,
