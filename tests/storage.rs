@@ -1,4 +1,4 @@
-//! Storage (DESIGN §6), black-box, on both backends: `notesd migrate` (twice,
+//! Storage (docs/design.md §6), black-box, on both backends: `notesd migrate` (twice,
 //! two at once, `--status`), `notesd seed`, `serve` refusing a schema that is
 //! missing, older or newer than the binary, and durability: a 201'd note
 //! survives a reload (HUP), SIGKILLed workers and a full restart, while the
@@ -418,4 +418,42 @@ fn notes_survive_reload_worker_kill_and_restart(backend: Backend) {
         .map(|n: &Value| n["id"].as_i64().unwrap_or(0))
         .collect();
     assert_eq!(ids, [c, b, a], "exactly the three notes, newest first");
+}
+
+/// A PostgreSQL error that is the query's fault is a 500 with an ERROR in the
+/// log, not a "database unavailable" 503: 42501 (insufficient privilege) ends
+/// in the byte SQLite uses for BUSY, and once was taken for it.
+#[test]
+fn a_permission_error_on_postgres_is_a_500_not_a_503() {
+    let Some(db) = Db::new(Backend::Postgres, "privilege") else {
+        return;
+    };
+    db.migrate();
+    let pg = db.pg.as_ref().expect("a PostgreSQL database");
+    let role = format!("{}_ro", pg.name);
+    psql_ok(
+        &pg.name,
+        &format!(
+            "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA public TO {role}; \
+             GRANT SELECT ON _sqlx_migrations TO {role};"
+        ),
+    );
+    let mut opts = db.options();
+    opts.migrate_on_start = false;
+    opts.database_url = Some(format!("postgres://{role}@127.0.0.1:5432/{}", pg.name));
+    let mut server = TestServer::start("privilege", opts);
+    server.allow_errors();
+    let resp = server.get("/api/notes");
+    assert_eq!(resp.status, 500, "{resp:?}");
+    assert_error(&resp, 500, "internal");
+    assert!(
+        server.log().contains("42501") || server.log().contains("permission denied"),
+        "the log names the cause:\n{}",
+        server.log_tail()
+    );
+    drop(server);
+    psql_ok(
+        &pg.name,
+        &format!("DROP OWNED BY {role}; DROP ROLE {role};"),
+    );
 }

@@ -1,7 +1,7 @@
 //! Storage: one typed pool per backend (PostgreSQL or SQLite, by URL scheme),
 //! and the migrations embedded in the binary.
 //!
-//! Runtime queries only (`sqlx::query`), no macros (DESIGN §6). Schema state
+//! Runtime queries only (`sqlx::query`), no macros (docs/design.md §6). Schema state
 //! is read from sqlx's `_sqlx_migrations` table and compared with the
 //! embedded list, so `serve` can refuse a database that is behind (run
 //! `notesd migrate`) or ahead (a newer binary migrated it) of this binary.
@@ -68,16 +68,29 @@ fn unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            match code.as_ref() {
-                // PostgreSQL: too many connections (53300, 53400), the database
-                // not accepting connections (55000, raised at connect).
-                "53300" | "53400" | "55000" => true,
-                // SQLite: SQLITE_BUSY / SQLITE_LOCKED (any extended code) after busy_timeout.
-                c => c.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6)),
-            }
+            let backend = if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                Backend::Sqlite
+            } else {
+                Backend::Postgres
+            };
+            unavailable_code(backend, &db.code().unwrap_or_default())
         }
         _ => false,
+    }
+}
+
+/// The backend's error code says "busy or saturated, try later" (503), as
+/// opposed to a query or permission error (500). Each backend's codes mean
+/// something else in the other's: SQLite's are numbers, PostgreSQL's are
+/// SQLSTATEs, and 42501 (insufficient privilege) is a SQLite LOCKED by its
+/// low byte.
+fn unavailable_code(backend: Backend, code: &str) -> bool {
+    match backend {
+        // Too many connections (53300, 53400); the database not accepting
+        // connections (55000, raised at connect).
+        Backend::Postgres => matches!(code, "53300" | "53400" | "55000"),
+        // SQLITE_BUSY / SQLITE_LOCKED (any extended code) after busy_timeout.
+        Backend::Sqlite => code.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6)),
     }
 }
 
@@ -313,5 +326,24 @@ mod tests {
         );
         assert_eq!(redact("postgres://u@db/x"), "postgres://u@db/x");
         assert_eq!(redact("sqlite:./var/a.db"), "sqlite:./var/a.db");
+    }
+
+    #[test]
+    fn busy_is_classified_per_backend() {
+        use Backend::*;
+        for code in ["53300", "53400", "55000"] {
+            assert!(unavailable_code(Postgres, code), "{code}");
+        }
+        // Insufficient privilege, invalid escape characters, ...: bad queries,
+        // although their low bytes are SQLite's BUSY (5) and LOCKED (6).
+        for code in ["42501", "22021", "22022", "42P01", "23505"] {
+            assert!(!unavailable_code(Postgres, code), "{code}");
+        }
+        for code in ["5", "6", "261", "517", "262"] {
+            assert!(unavailable_code(Sqlite, code), "{code}");
+        }
+        for code in ["1", "19", "2067", "53300"] {
+            assert!(!unavailable_code(Sqlite, code), "{code}");
+        }
     }
 }
