@@ -200,7 +200,12 @@ struct Pending {
 
 pub struct State {
     phase: Phase,
+    /// The config of every generation still alive (with a worker, spawning,
+    /// serving or starting); the others are forgotten, so a master reloaded
+    /// every day for a year holds a handful, not 365.
     configs: BTreeMap<u32, Arc<Config>>,
+    /// The newest generation number handed out (the next reload's is + 1).
+    last_generation: u32,
     /// The generation that serves and that top-ups follow.
     current: u32,
     pending: Option<Pending>,
@@ -269,12 +274,7 @@ impl State {
         Ok(Snapshot {
             configs,
             current: self.current,
-            last_generation: self
-                .configs
-                .keys()
-                .next_back()
-                .copied()
-                .unwrap_or(self.current),
+            last_generation: self.last_generation,
             target: self.target,
             workers: self.workers.values().cloned().collect(),
             retire_queue: self.retire_queue.iter().copied().collect(),
@@ -305,13 +305,11 @@ impl State {
                 .entry(w.generation)
                 .or_insert_with(|| current_config.clone());
         }
-        // Generation numbers keep counting up from where the old image was.
-        configs
-            .entry(snapshot.last_generation)
-            .or_insert_with(|| current_config.clone());
         Ok(State {
             phase: Phase::Running,
             configs,
+            // Generation numbers keep counting up from where the old image was.
+            last_generation: snapshot.last_generation.max(snapshot.current),
             current: snapshot.current,
             pending: None,
             target: snapshot.target,
@@ -342,6 +340,7 @@ impl State {
         State {
             phase: Phase::Starting,
             configs,
+            last_generation: 1,
             current: 1,
             pending: None,
             target,
@@ -394,7 +393,7 @@ impl State {
 
     /// The number the next reload's generation gets.
     pub fn next_generation(&self) -> u32 {
-        self.configs.keys().next_back().copied().unwrap_or(0) + 1
+        self.last_generation + 1
     }
 
     /// Every generation that has a worker, serves, or is starting.
@@ -483,7 +482,15 @@ impl State {
             Event::Tick { heartbeats } => self.on_tick(&heartbeats, now, &mut out),
         }
         self.manage(now, &mut out);
+        self.forget_dead_configs();
         out
+    }
+
+    /// Drop the configs of generations that can no longer have a worker.
+    fn forget_dead_configs(&mut self) {
+        let mut live = self.live_generations();
+        live.extend(self.spawning.values().copied());
+        self.configs.retain(|g, _| live.contains(g));
     }
 
     fn on_signal(&mut self, sig: Sig, now: Duration, out: &mut Vec<Action>) {
@@ -604,6 +611,7 @@ impl State {
             ),
         ));
         self.configs.insert(generation, config);
+        self.last_generation = generation;
         self.pending = Some(Pending {
             generation,
             failures: 0,

@@ -666,3 +666,28 @@ fn no_handover_while_stopping() {
     sim.run(Event::Signal(Sig::Term));
     assert!(sim.state.snapshot().is_err());
 }
+
+#[test]
+fn configs_of_finished_generations_are_forgotten() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    for round in 0..50 {
+        let old = sim.pids("ready");
+        sim.run(Event::Reload(Ok(config(2))));
+        // A refused reload hands out no generation.
+        sim.run(Event::Reload(Err("bad config".into())));
+        sim.ready_all_booting();
+        for pid in old {
+            sim.exit(pid, 0);
+        }
+        assert_eq!(sim.state.generation(), round + 2);
+        assert_eq!(sim.state.phase_name(), "running");
+        assert_eq!(
+            sim.state.configs.keys().copied().collect::<Vec<_>>(),
+            vec![round + 2],
+            "only the serving generation's config is kept"
+        );
+    }
+    assert_eq!(sim.state.next_generation(), 52);
+}
