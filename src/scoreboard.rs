@@ -5,7 +5,8 @@
 //! the master reads all of them for timeouts, `notesd status` and metrics. All
 //! fields are atomics, so no lock is ever held across processes and a worker
 //! frozen mid-write cannot block the master. The current request is guarded by
-//! a sequence counter (seqlock): readers retry or give up, writers never wait.
+//! a sequence counter (seqlock): readers retry or give up, writers never wait
+//! (it is only shown in `notesd status`; metrics need no such guard, below).
 //!
 //! Slot layout (256 bytes, little-endian, offsets in bytes):
 //!
@@ -25,10 +26,13 @@
 //! | 248 | requests in flight (u32) |
 //! | 256 | metrics: request counters by route × status, latency histogram by route |
 //!
-//! Metrics are summed over all slots plus the header's *retired* totals: when
-//! a worker exits, the master folds its slot's counters into the header before
-//! the slot is reused, so `/metrics` (answered by any worker, for all of them)
-//! never goes backwards. The fold is guarded by a header sequence counter.
+//! Metrics are summed over all slots. A slot's metric counters are never
+//! reset: the next worker in a slot counts on from where the last one left,
+//! so every counter only ever grows and `/metrics` (answered by any worker,
+//! for all of them) never goes backwards, with no lock and no retry. (Older
+//! images folded a leaving worker's counters into the header's *retired*
+//! totals under a header sequence counter; those totals are still added in,
+//! and the sequence still checked, for a board inherited from one.)
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
@@ -39,7 +43,8 @@ use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 const MAGIC: u64 = 0x6e6f_7465_7364_5342; // "notesdSB"
 const LAYOUT_VERSION: u32 = 2;
-/// Header: magic, layout, sizes, restarts, fold seq, write generation; then the retired totals.
+/// Header: magic, layout, sizes, restarts, fold seq, write generation; then the
+/// retired totals (written only by older images, see the module doc).
 const HEADER: usize = 2048;
 const OFF_H_RESTARTS: usize = 24;
 const OFF_H_FOLD_SEQ: usize = 32;
@@ -227,22 +232,10 @@ impl Scoreboard {
         }
     }
 
-    /// Master: a worker left; fold its counters into the retired totals and
-    /// free its slot (pid 0), so no total ever goes backwards.
+    /// Master: a worker left; free its slot (pid 0). Its metric counters
+    /// stay: the slot's next worker counts on from them.
     pub fn release(&self, slot: u32) -> Result<(), ScoreboardError> {
         let o = self.slot_off(slot)?;
-        let seq = self.u32_at(OFF_H_FOLD_SEQ);
-        seq.fetch_add(1, Ordering::AcqRel);
-        for i in 0..M_COUNTERS {
-            let v = self
-                .u64_at(o + BASE_SLOT + i * 8)
-                .swap(0, Ordering::Relaxed);
-            if v != 0 {
-                self.u64_at(OFF_H_RETIRED + i * 8)
-                    .fetch_add(v, Ordering::Relaxed);
-            }
-        }
-        seq.fetch_add(1, Ordering::Release);
         for i in (0..BASE_SLOT).step_by(8) {
             self.u64_at(o + i).store(0, Ordering::Relaxed);
         }
@@ -268,30 +261,27 @@ impl Scoreboard {
         self.u64_at(OFF_H_RESTARTS).load(Ordering::Relaxed)
     }
 
-    /// All counters, summed over live slots and retired workers.
+    /// All counters, summed over every slot (and the retired totals of a
+    /// board inherited from an older image). Each counter only grows, so a
+    /// later call never returns less than an earlier one, in any process.
     pub fn totals(&self) -> Totals {
-        let mut counters = vec![0u64; M_COUNTERS];
-        for _ in 0..8 {
+        // Only an older image's master folds (see the module doc): wait out a
+        // fold in progress (microseconds) rather than return a partial sum;
+        // if that master froze mid-fold, a partial sum after 1,000 tries.
+        let mut tries = 0;
+        let counters = loop {
+            tries += 1;
             let s1 = self.u32_at(OFF_H_FOLD_SEQ).load(Ordering::Acquire);
-            if !s1.is_multiple_of(2) {
-                std::hint::spin_loop();
+            if !s1.is_multiple_of(2) && tries < 1000 {
+                std::thread::yield_now();
                 continue;
             }
-            counters.iter_mut().for_each(|c| *c = 0);
-            for (i, c) in counters.iter_mut().enumerate() {
-                *c += self.u64_at(OFF_H_RETIRED + i * 8).load(Ordering::Relaxed);
-            }
-            for slot in 0..self.slots {
-                let o = HEADER + slot as usize * SLOT_SIZE;
-                for (i, c) in counters.iter_mut().enumerate() {
-                    *c += self.u64_at(o + BASE_SLOT + i * 8).load(Ordering::Relaxed);
-                }
-            }
+            let counters = self.sum_counters();
             std::sync::atomic::fence(Ordering::Acquire);
-            if self.u32_at(OFF_H_FOLD_SEQ).load(Ordering::Relaxed) == s1 {
-                break;
+            if self.u32_at(OFF_H_FOLD_SEQ).load(Ordering::Relaxed) == s1 || tries >= 1000 {
+                break counters;
             }
-        }
+        };
         let mut workers = [0u64; 4];
         let mut in_flight = 0u64;
         for slot in 0..self.slots {
@@ -313,6 +303,20 @@ impl Scoreboard {
         }
     }
 
+    fn sum_counters(&self) -> Vec<u64> {
+        let mut counters = vec![0u64; M_COUNTERS];
+        for (i, c) in counters.iter_mut().enumerate() {
+            *c += self.u64_at(OFF_H_RETIRED + i * 8).load(Ordering::Relaxed);
+        }
+        for slot in 0..self.slots {
+            let o = HEADER + slot as usize * SLOT_SIZE;
+            for (i, c) in counters.iter_mut().enumerate() {
+                *c += self.u64_at(o + BASE_SLOT + i * 8).load(Ordering::Relaxed);
+            }
+        }
+        counters
+    }
+
     /// Master: record the pid of the worker just forked into `slot`.
     pub fn set_pid(&self, slot: u32, pid: u32) -> Result<(), ScoreboardError> {
         let o = self.slot_off(slot)?;
@@ -321,13 +325,10 @@ impl Scoreboard {
     }
 
     /// Master: wipe a slot for a new worker (before the fork) and stamp its pid
-    /// and a fresh heartbeat. Anything left in it is folded into the totals.
+    /// and a fresh heartbeat (its metric counters carry on).
     pub fn reset(&self, slot: u32, pid: u32, now_ns: u64) -> Result<(), ScoreboardError> {
         let o = self.slot_off(slot)?;
         self.release(slot)?;
-        for i in (0..BASE_SLOT).step_by(8) {
-            self.u64_at(o + i).store(0, Ordering::Relaxed);
-        }
         self.u32_at(o + OFF_STATE)
             .store(WorkerPhase::Booting as u32, Ordering::Relaxed);
         self.u64_at(o + OFF_HEARTBEAT)
@@ -642,6 +643,13 @@ mod tests {
         board.reset(1, 12, 5).expect("new worker in the slot");
         let t2 = board.totals();
         assert_eq!(t2.requests(3, status_index(200)), 2, "retired counts kept");
+        let c = Slot::new(board.clone(), 1).expect("slot");
+        c.record(3, 200, std::time::Duration::from_millis(1));
+        assert_eq!(
+            board.totals().requests(3, status_index(200)),
+            3,
+            "the next worker in the slot counts on"
+        );
         assert!((t2.sum_seconds(3) - 9.005).abs() < 1e-9);
         assert_eq!(t2.workers_booting, 1);
         assert_eq!(t2.in_flight, 0);

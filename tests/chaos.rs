@@ -18,6 +18,9 @@
 //!    no worker death, the first success ≤ 2 s after it is back.
 //! 7. Every test that POSTs checks that every note acknowledged with a 201
 //!    is there at the end (0 lost writes).
+//! 8. During the HUPs and the recycling, `/metrics` is scraped every 10 ms
+//!    on the socket: no counter ever goes backwards (Prometheus would read a
+//!    reset).
 //!
 //! Each test prints its figures (`CHAOS <name>: …`). The tests take a global
 //! lock: two load tests sharing 2 cores would make the timing checks noise.
@@ -71,6 +74,58 @@ impl Rng {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         (self.0 % n as u64) as usize
+    }
+}
+
+/// Scrapes `/metrics` on the socket every 10 ms until stopped; every
+/// counter series (`_total`, `_count`, `_bucket`, `_sum`) must only grow.
+struct Scraper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Scraper {
+    fn start(socket: &std::path::Path) -> Scraper {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, socket) = (stop.clone(), socket.to_path_buf());
+        let handle = thread::spawn(move || {
+            let (mut scrapes, mut backwards) = (0, Vec::new());
+            let mut last: std::collections::BTreeMap<String, f64> = Default::default();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let resp = Client::connect(&socket).call("GET", "/metrics", &[], None);
+                if resp.status == 200 {
+                    scrapes += 1;
+                    for (series, v) in Metrics::parse(&resp.body).samples {
+                        let name = series.split('{').next().unwrap_or("");
+                        let counter = ["_total", "_count", "_bucket", "_sum"]
+                            .iter()
+                            .any(|s| name.ends_with(s));
+                        let before = last.get(&series).copied().unwrap_or(0.0);
+                        if counter && v < before {
+                            backwards.push(format!("{series}: {before} → {v}"));
+                        }
+                        last.insert(series, v);
+                    }
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            (scrapes, backwards)
+        });
+        Scraper { stop, handle }
+    }
+
+    /// Stop; assert no counter went backwards; the number of scrapes.
+    fn finish(self, what: &str) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (scrapes, backwards) = self.handle.join().expect("the scraper");
+        assert!(scrapes > 50, "{what}: only {scrapes} scrapes");
+        assert!(
+            backwards.is_empty(),
+            "{what}: {} counter(s) went backwards over {scrapes} scrapes:\n{}",
+            backwards.len(),
+            backwards[..backwards.len().min(20)].join("\n")
+        );
+        scrapes
     }
 }
 
@@ -140,6 +195,7 @@ fn hups_under_load_fail_no_request() {
     let gen0 = generation(&server.status());
 
     let load = MixedLoad::start(rig.nginx.addr(), CONNECTIONS, "hup");
+    let scraper = Scraper::start(server.socket_path());
     thread::sleep(Duration::from_millis(500));
     for _ in 0..HUPS {
         server.signal(Signal::SIGHUP);
@@ -150,10 +206,11 @@ fn hups_under_load_fail_no_request() {
     });
     thread::sleep(Duration::from_millis(500));
     let report = load.stop();
+    let scrapes = scraper.finish("hup");
 
     let failures = report.failures(|_| false);
     eprintln!(
-        "CHAOS hup: hups={HUPS} generation={}->{} failed={} {} {}",
+        "CHAOS hup: hups={HUPS} generation={}->{} failed={} scrapes={scrapes} {} {}",
         gen0,
         generation(&s),
         failures.len(),
@@ -196,6 +253,7 @@ fn max_requests_recycling_under_load_fails_no_request() {
     let initial: BTreeSet<i32> = server.worker_pids().into_iter().collect();
 
     let load = MixedLoad::start(rig.nginx.addr(), CONNECTIONS, "maxreq");
+    let scraper = Scraper::start(server.socket_path());
     let mut seen = initial.clone();
     let mut generations = BTreeSet::new();
     while load.now() < Duration::from_secs(6) {
@@ -206,6 +264,7 @@ fn max_requests_recycling_under_load_fails_no_request() {
         thread::sleep(Duration::from_millis(100));
     }
     let report = load.stop();
+    let scrapes = scraper.finish("max_requests");
     let s = server.wait_steady(2, Duration::from_secs(15));
     let current: BTreeSet<i32> = all_pids(&s).into_iter().collect();
     seen.extend(&current);
@@ -214,7 +273,7 @@ fn max_requests_recycling_under_load_fails_no_request() {
 
     let failures = report.failures(|_| false);
     eprintln!(
-        "CHAOS max_requests: max_requests=200+0..=50 workers_seen={} retired={} workers_ready_logged={} restarts={} failed={} {} {}",
+        "CHAOS max_requests: max_requests=200+0..=50 workers_seen={} retired={} workers_ready_logged={} restarts={} failed={} scrapes={scrapes} {} {}",
         seen.len(),
         retired.len(),
         ready_logged,

@@ -1,5 +1,5 @@
 //! `GET /metrics`: Prometheus text for all workers together, read from the
-//! scoreboard (live slots plus the totals of workers that have exited).
+//! scoreboard (every slot's counters, which only grow: see `scoreboard`).
 
 use std::fmt::Write;
 
