@@ -192,6 +192,39 @@ fn a_silent_control_client_is_dropped_and_stalls_nobody() {
     );
 }
 
+/// A status client that reads its answer slowly, a few bytes at a time,
+/// gets all of it (the master writes what the socket takes and comes back
+/// for the rest), while others are answered meanwhile.
+#[test]
+fn a_slow_status_reader_gets_the_whole_answer() {
+    let server = TestServer::start(
+        "control_slow",
+        TestOptions {
+            workers: 12,
+            ..TestOptions::default()
+        },
+    );
+    server.wait_steady(12, secs(20.0));
+    let mut slow = UnixStream::connect(&server.paths.control).expect("connect");
+    slow.write_all(b"status\n").expect("send");
+    std::thread::sleep(secs(1.5));
+    assert_eq!(server.status()["phase"], "running", "others are answered");
+    slow.set_read_timeout(Some(secs(5.0))).expect("timeout");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 64];
+    loop {
+        let n = slow.read(&mut chunk).expect("read");
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&chunk[..n]);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&answer)
+        .unwrap_or_else(|e| panic!("{} bytes, not whole JSON: {e}", answer.len()));
+    assert_eq!(v["workers"].as_array().map(Vec::len), Some(12), "{v}");
+}
+
 /// An unknown request gets an answer saying what is understood.
 #[test]
 fn an_unknown_control_request_is_answered_with_what_is_understood() {
@@ -213,30 +246,45 @@ fn an_unknown_control_request_is_answered_with_what_is_understood() {
     assert_eq!(server.status()["phase"], "running");
 }
 
-/// A start that fails (here: `migrate_on_start` cannot create the database)
-/// removes what it had made: the control socket and the listening socket.
+/// A start that fails removes what it had made (the control socket, the
+/// listening socket, the pidfile): before the pidfile is written
+/// (`migrate_on_start` cannot create the database) and after it, once the
+/// workers run (they refuse a database without a schema). Both exit 1.
 #[test]
 fn a_failed_start_leaves_no_socket_behind() {
-    let mut server = TestServer::spawn(
-        "start_fail_cleanup",
-        TestOptions {
-            database_url: Some("sqlite:///nonexistent-dir-xyz/a.db".into()),
-            migrate_on_start: true,
-            ..TestOptions::default()
-        },
-    );
-    server.allow_errors();
-    let code = server.expect_exit_code(secs(15.0));
-    assert_eq!(code, 1, "{}", server.log_tail());
-    for path in [
-        &server.paths.control,
-        &server.paths.socket,
-        &server.paths.pidfile,
+    let dir = TempDir::new("start_fail_db");
+    let empty = format!("sqlite://{}", dir.join("empty.db").display());
+    std::fs::write(dir.join("empty.db"), b"").expect("an empty database file");
+    for (name, url, migrate, expect) in [
+        (
+            "start_fail_migrate",
+            "sqlite:///nonexistent-dir-xyz/a.db",
+            true,
+            1,
+        ),
+        ("start_fail_boot", empty.as_str(), false, 1),
     ] {
-        assert!(
-            !path.exists(),
-            "{} left behind by a failed start",
-            path.display()
+        let mut server = TestServer::spawn(
+            name,
+            TestOptions {
+                database_url: Some(url.into()),
+                migrate_on_start: migrate,
+                ..TestOptions::default()
+            },
         );
+        server.allow_errors();
+        let code = server.expect_exit_code(secs(15.0));
+        assert_eq!(code, expect, "{name}: {}", server.log_tail());
+        for path in [
+            &server.paths.control,
+            &server.paths.socket,
+            &server.paths.pidfile,
+        ] {
+            assert!(
+                !path.exists(),
+                "{name}: {} left behind by a failed start",
+                path.display()
+            );
+        }
     }
 }

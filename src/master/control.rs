@@ -9,9 +9,11 @@
 //! generation serves.
 //!
 //! The master is single-threaded, so nothing here blocks: the listener and
-//! every connection are non-blocking and sit in the master's `poll()`; a
-//! client has [`IO_DEADLINE`] to send its request and to take the answer, and
-//! is dropped (with a log line) if it does not. At most [`MAX_CLIENTS`] are
+//! every connection are non-blocking and sit in the master's `poll()`. An
+//! answer is written as far as the socket takes it and the rest when the
+//! client has read more (POLLOUT), so a slow reader gets all of it, never a
+//! truncated document; a client has [`IO_DEADLINE`] to send its request and
+//! to take the whole answer, and is dropped (with a log line) if it does not. At most [`MAX_CLIENTS`] are
 //! served at once; more are turned away at accept.
 //!
 //! Who may ask: the socket file is 0660 (owner and the service's group), and
