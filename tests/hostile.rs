@@ -483,7 +483,7 @@ fn header_cases(out: &mut Vec<Case>) {
         ("obs-text value", b"X-A: \x80\xff\xfe".to_vec(), Expect::NoServerError),
         ("invalid UTF-8 X-Request-Id", b"X-Request-Id: \xff\xfe".to_vec(), Expect::NoServerError),
         ("huge X-Request-Id", format!("X-Request-Id: {}", "r".repeat(4000)).into_bytes(), Expect::NoServerError),
-        ("second Host", b"Host: evil.example".to_vec(), Expect::NoServerError),
+        ("second Host", b"Host: evil.example".to_vec(), Expect::Reject),
         ("Host with CRLF", b"Host: a\r\nX-Injected: 1".to_vec(), Expect::NoServerError),
         ("Content-Type NUL", b"Content-Type: application/json\x00".to_vec(), Expect::Reject),
         ("Content-Type junk charset", b"Content-Type: application/json; charset=\xff".to_vec(), Expect::NoServerError),
@@ -1677,5 +1677,73 @@ fn a_stalled_request_body_is_refused_as_the_clients_fault() {
         problems.is_empty(),
         "stalled bodies:\n{}",
         problems.join("\n")
+    );
+}
+
+/// RFC 9112 §3.2's MUST-400s, which hyper leaves to the server: an HTTP/1.1
+/// request without `Host`, with two `Host` lines, or with a `Host` that is
+/// not a host[:port] gets a JSON 400 with its request id, and the connection
+/// is closed (the request pipelined behind it is not answered). HTTP/1.0
+/// without `Host` and unusual but valid hosts are served.
+#[test]
+fn host_header_violations_are_400_and_close_the_connection() {
+    let Some(server) = start(Backend::Sqlite, "host_rules", hostile_options) else {
+        return;
+    };
+    let next = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let bad: &[(&str, &[u8])] = &[
+        ("no Host in HTTP/1.1", b"GET /healthz HTTP/1.1\r\n\r\n"),
+        ("two Host lines", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+        ("two equal Host lines", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n"),
+        ("Host with a space", b"GET /healthz HTTP/1.1\r\nHost: a b\r\n\r\n"),
+        ("Host with a path", b"GET /healthz HTTP/1.1\r\nHost: a/b\r\n\r\n"),
+        ("Host with userinfo", b"GET /healthz HTTP/1.1\r\nHost: u@a\r\n\r\n"),
+        ("Host with a bad port", b"GET /healthz HTTP/1.1\r\nHost: a:http\r\n\r\n"),
+        ("Host with an open bracket", b"GET /healthz HTTP/1.1\r\nHost: [::1\r\n\r\n"),
+        ("POST without Host", b"POST /api/notes HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 14\r\n\r\n{\"title\":\"h\"}"),
+    ];
+    for (name, bytes) in bad {
+        let mut all = bytes.to_vec();
+        all.extend_from_slice(next);
+        let ex = exchange(server.socket_path(), &all, false, 2, None);
+        let what = format!("{name}: {}", ex.outcome());
+        assert_eq!(ex.statuses(), [400], "{what}");
+        assert!(ex.closed, "closed after the 400: {what}");
+        let answer = &ex.answers[0];
+        assert!(
+            answer
+                .header("x-request-id")
+                .is_some_and(|id| !id.is_empty()),
+            "{what}: {}",
+            answer.head
+        );
+        let body: serde_json::Value = serde_json::from_slice(&answer.body)
+            .unwrap_or_else(|e| panic!("{what}: not JSON ({e})"));
+        assert_eq!(body["error"]["code"], "bad_request", "{what}: {body}");
+    }
+    let good: &[(&str, &[u8])] = &[
+        (
+            "HTTP/1.0 without Host",
+            b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        ),
+        (
+            "IPv6 literal with port",
+            b"GET /healthz HTTP/1.1\r\nHost: [::1]:8000\r\n\r\n",
+        ),
+        ("empty Host", b"GET /healthz HTTP/1.1\r\nHost:\r\n\r\n"),
+        (
+            "IPv4 with port",
+            b"GET /healthz HTTP/1.1\r\nHost: 10.213.0.2:8000\r\n\r\n",
+        ),
+    ];
+    for (name, bytes) in good {
+        let mut all = bytes.to_vec();
+        all.extend_from_slice(next);
+        let ex = exchange(server.socket_path(), &all, false, 2, None);
+        assert_eq!(ex.statuses(), [200, 200], "{name}: {}", ex.outcome());
+    }
+    assert!(
+        !server.log().contains(" ERROR "),
+        "a bad Host is the client's error, not logged as ours"
     );
 }

@@ -2,6 +2,7 @@
 //! `Result<Response, ApiError>`; errors become JSON at [`error`]'s edge.
 
 pub mod error;
+pub mod host;
 pub mod list_cache;
 pub mod metrics;
 pub mod notes;

@@ -316,17 +316,16 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     // Ends the request in the scoreboard even if hyper drops this future
     // (the client went away mid-request).
     let in_flight = InFlightGuard { shared, token };
-    let limit = shared.config.http.request_timeout;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(limit);
-    let mut resp =
-        match tokio::time::timeout_at(deadline, http::route(&shared.app, req, deadline)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => e.into_response(),
-            Err(_) => ApiError::Timeout(limit).into_response(),
-        };
+    // A bad Host (RFC 9112 §3.2) is answered 400 and the connection closed.
+    let host = http::host::check(req.version(), req.headers());
+    let close = host.is_err() || shared.draining.load(Ordering::Acquire);
+    let mut resp = match host {
+        Ok(()) => route_within_timeout(shared, req).await,
+        Err(e) => ApiError::BadRequest(e.to_string()).into_response(),
+    };
     resp.headers_mut()
         .insert(X_REQUEST_ID.clone(), request_id.clone());
-    if shared.draining.load(Ordering::Acquire) {
+    if close {
         resp.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
@@ -353,6 +352,17 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         });
     }
     resp
+}
+
+/// Route the request, answering 503 once `http.request_timeout` is up.
+async fn route_within_timeout(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let limit = shared.config.http.request_timeout;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(limit);
+    match tokio::time::timeout_at(deadline, http::route(&shared.app, req, deadline)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => ApiError::Timeout(limit).into_response(),
+    }
 }
 
 /// One access-log line's contents.
