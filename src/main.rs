@@ -7,110 +7,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
+mod cli;
+
+use cli::{Cli, Command, ConfigArg};
 use notesd::config::{self, Config, ConfigError, Overrides};
 use notesd::store::{self, Purpose, Store};
-
-#[derive(Parser)]
-#[command(
-    name = "notesd",
-    version = notesd::VERSION,
-    about = "Notes JSON API on a Gunicorn-style prefork server",
-    long_about = "Notes JSON API on a Gunicorn-style prefork server.\n\n\
-        `notesd serve` runs the master: it binds the sockets, forks the workers and supervises \
-        them. Signals to the master: HUP reload (new workers first, then the old ones drain), \
-        TERM graceful stop, INT/QUIT quick stop, TTIN/TTOU one worker more/fewer, USR1 reopen \
-        log files, USR2 re-exec the master in place from its binary (same PID), then reload. \
-        `notesd reload` does what HUP does (re-exec'ing first when the binary changed) and \
-        waits until it is done.\n\n\
-        Configuration: -c FILE, else $NOTESD_CONFIG, else /etc/notesd/notesd.toml, else the \
-        embedded defaults. Exit codes: 0 clean, 1 runtime failure, 2 bad usage or invalid \
-        config, 3 workers failed to boot."
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(clap::Args, Clone)]
-struct ConfigArg {
-    /// Config file (default: $NOTESD_CONFIG, else /etc/notesd/notesd.toml if it exists, else the embedded defaults)
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
-    config: Option<PathBuf>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the master in the foreground (bind, fork workers, supervise)
-    Serve {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// Address to listen on, replacing server.bind (repeatable): unix:/path, 127.0.0.1:8000, [::1]:8000
-        #[arg(short = 'b', long = "bind", value_name = "BIND")]
-        bind: Vec<String>,
-        /// Number of workers (0 = 2 × cores + 1)
-        #[arg(short = 'w', long = "workers", value_name = "N")]
-        workers: Option<u32>,
-        /// Database URL (overrides database.url, DATABASE_URL and NOTESD_DATABASE_URL)
-        #[arg(long = "database-url", value_name = "URL")]
-        database_url: Option<String>,
-    },
-    /// Apply the embedded migrations (or list applied/pending with --status)
-    Migrate {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// Only show which migrations are applied and which are pending
-        #[arg(long)]
-        status: bool,
-    },
-    /// Insert N sample notes ("Note 1" … "Note N") in one transaction
-    Seed {
-        #[command(flatten)]
-        config: ConfigArg,
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-        count: u32,
-    },
-    /// Validate the configuration (like nginx -t): exit 0, or 2 listing every problem
-    Check {
-        #[command(flatten)]
-        config: ConfigArg,
-    },
-    /// Ask the running master for its workers (over the control socket)
-    Status {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// Machine-readable output
-        #[arg(long)]
-        json: bool,
-    },
-    /// Reload gracefully (as SIGHUP) and wait: exit 0 once the new generation serves, 1 with the reason if the reload was refused or abandoned
-    Reload {
-        #[command(flatten)]
-        config: ConfigArg,
-    },
-    /// GET /healthz over the unix socket: exit 0 healthy, 1 not
-    Healthcheck {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// Unix socket to probe (default: the first unix address in server.bind)
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-    },
-    /// Internal: a worker process, exec'd by the master
-    #[command(hide = true)]
-    Worker,
-    /// Internal: can this binary take over the running master's handover
-    /// (the record at $NOTESD_HANDOVER_FD)? Asked before a re-exec in place.
-    #[command(hide = true)]
-    HandoverCheck,
-    /// Packaging: write the man page and shell completions (bash, zsh, fish) into DIR
-    #[command(hide = true)]
-    GenerateAssets {
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -296,15 +199,6 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
             println!("notesd: healthy ({})", socket.display());
             Ok(0)
         }
-        Command::GenerateAssets { out } => {
-            generate_assets(&out)
-                .with_context(|| format!("writing assets to {}", out.display()))?;
-            println!(
-                "notesd: man page and completions written to {}",
-                out.display()
-            );
-            Ok(0)
-        }
         Command::Worker | Command::Check { .. } | Command::HandoverCheck => {
             unreachable!("handled in main")
         }
@@ -341,25 +235,6 @@ fn as_master(
         tracing::error!("{e}");
         Exit(e.exit_code(), e.to_string()).into()
     })
-}
-
-/// The man page and completions come from the same clap definition as the CLI.
-fn generate_assets(out: &std::path::Path) -> std::io::Result<()> {
-    use clap::CommandFactory;
-    use clap_complete::Shell;
-    std::fs::create_dir_all(out)?;
-    // notesd.1 plus notesd-serve.1, notesd-migrate.1, … (hidden commands skipped).
-    clap_mangen::generate_to(Cli::command(), out)?;
-    for (shell, file) in [
-        (Shell::Bash, "notesd.bash"),
-        (Shell::Zsh, "_notesd"),
-        (Shell::Fish, "notesd.fish"),
-    ] {
-        let mut buf = Vec::new();
-        clap_complete::generate(shell, &mut Cli::command(), "notesd", &mut buf);
-        std::fs::write(out.join(file), buf)?;
-    }
-    Ok(())
 }
 
 async fn migrate(cfg: &Config, status_only: bool) -> anyhow::Result<i32> {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end test of the Debian package, on this machine, for real.
 #
-#   build the .deb (packaging/build-deb.sh) → dpkg -i → package layout, conffiles,
+#   build the .deb (cargo deb) → dpkg -i → package layout, conffiles,
 #   permissions, user → systemd-analyze verify + security (≤ 2.0) on the installed
 #   units → run the installed unit's own ExecStartPre/ExecStart/ExecReload lines
 #   (parsed from it) as its User= with its Environment=, UMask=, RuntimeDirectory=,
