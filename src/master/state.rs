@@ -19,17 +19,17 @@ use crate::config::{Config, MAX_WORKERS};
 use crate::ipc::ToMaster;
 
 /// How long a SIGABRTed worker gets before SIGKILL.
-pub const ABORT_GRACE: Duration = Duration::from_millis(500);
+pub(crate) const ABORT_GRACE: Duration = Duration::from_millis(500);
 /// How long a quick shutdown (INT/QUIT) waits before SIGKILL.
-pub const QUICK_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const QUICK_GRACE: Duration = Duration::from_secs(1);
 /// Boot failures in a row, before any worker was ever ready, that end the master (exit 3).
-pub const FIRST_BOOT_ATTEMPTS: u32 = 3;
+pub(crate) const FIRST_BOOT_ATTEMPTS: u32 = 3;
 /// Boot failures of a reload's new generation before it is abandoned.
-pub const RELOAD_BOOT_ATTEMPTS: u32 = 3;
+pub(crate) const RELOAD_BOOT_ATTEMPTS: u32 = 3;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-pub type Pid = i32;
+pub(crate) type Pid = i32;
 
 /// Signals the master acts on (HUP arrives as [`Event::Reload`] once the edge
 /// has re-read the config; CHLD as [`Event::Exited`]).
@@ -220,7 +220,6 @@ pub struct State {
     ever_ready: bool,
     failures_in_row: u32,
     backoff_until: Duration,
-    last_boot_error: Option<String>,
     last_tick: Option<Duration>,
     resumed_at: Duration,
     retire_queue: VecDeque<Pid>,
@@ -320,7 +319,6 @@ impl State {
             ever_ready: snapshot.ever_ready,
             failures_in_row: 0,
             backoff_until: Duration::ZERO,
-            last_boot_error: None,
             // The exec took a moment: that is no stall of the master.
             last_tick: Some(now),
             resumed_at: snapshot.resumed_at,
@@ -351,7 +349,6 @@ impl State {
             ever_ready: false,
             failures_in_row: 0,
             backoff_until: Duration::ZERO,
-            last_boot_error: None,
             last_tick: None,
             resumed_at: Duration::ZERO,
             retire_queue: VecDeque::new(),
@@ -381,10 +378,6 @@ impl State {
     /// The newest generation (the pending one during a reload).
     pub fn generation(&self) -> u32 {
         self.pending.as_ref().map_or(self.current, |p| p.generation)
-    }
-
-    pub fn current_generation(&self) -> u32 {
-        self.current
     }
 
     pub fn target(&self) -> u32 {
@@ -746,7 +739,6 @@ impl State {
         self.boot_failures += 1;
         self.failures_in_row += 1;
         self.backoff_until = now + backoff(self.failures_in_row);
-        self.last_boot_error = Some(error.clone());
         if let Some(p) = self.pending.as_mut()
             && p.generation == generation
         {
@@ -867,6 +859,11 @@ impl State {
             })
             .collect();
         for (pid, slot, silent_for) in silent {
+            // Killed for its silence, not asked to stop: counted here, since
+            // its exit (as `Killing`) is not.
+            if !matches!(self.phase, Phase::Stopping { .. }) {
+                self.restarts += 1;
+            }
             out.push(Action::TimeoutKill {
                 pid,
                 slot,
@@ -1168,14 +1165,10 @@ impl State {
             w.state = state;
         }
     }
-
-    pub fn last_boot_error(&self) -> Option<&str> {
-        self.last_boot_error.as_deref()
-    }
 }
 
 /// Exponential backoff after the n-th boot failure in a row.
-pub fn backoff(n: u32) -> Duration {
+pub(crate) fn backoff(n: u32) -> Duration {
     let exp = n.saturating_sub(1).min(16);
     (BACKOFF_BASE * 2u32.pow(exp)).min(BACKOFF_MAX)
 }

@@ -415,6 +415,7 @@ fn silent_worker_is_aborted_then_killed() {
         how: ExitHow::Signal(9),
     });
     assert_eq!(sim.pids("booting").len(), 1, "replaced");
+    assert_eq!(sim.state.restarts, 1, "a timeout counts as a restart, once");
 }
 
 #[test]
