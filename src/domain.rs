@@ -7,8 +7,8 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-pub const TITLE_MAX_CHARS: usize = 160;
-pub const DEFAULT_TITLE: &str = "Untitled";
+pub(crate) const TITLE_MAX_CHARS: usize = 160;
+pub(crate) const DEFAULT_TITLE: &str = "Untitled";
 
 /// Why input was refused (mapped to 422 at the HTTP edge).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -25,21 +25,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
 /// Oldest master protocol this worker binary can still talk to.
-pub const PROTOCOL_MIN: u32 = 1;
+pub(crate) const PROTOCOL_MIN: u32 = 1;
 
-pub const CHANNEL_FD: i32 = 3;
-pub const SCOREBOARD_FD: i32 = 4;
-pub const FIRST_LISTENER_FD: i32 = 5;
+pub(crate) const CHANNEL_FD: i32 = 3;
+pub(crate) const SCOREBOARD_FD: i32 = 4;
+pub(crate) const FIRST_LISTENER_FD: i32 = 5;
 
-pub const ENV_PROTOCOL: &str = "NOTESD_PROTOCOL";
-pub const ENV_LISTENERS: &str = "NOTESD_LISTENERS";
-pub const ENV_SLOT: &str = "NOTESD_SLOT";
-pub const ENV_GENERATION: &str = "NOTESD_GENERATION";
-pub const ENV_MASTER_PID: &str = "NOTESD_MASTER_PID";
+pub(crate) const ENV_PROTOCOL: &str = "NOTESD_PROTOCOL";
+pub(crate) const ENV_LISTENERS: &str = "NOTESD_LISTENERS";
+pub(crate) const ENV_SLOT: &str = "NOTESD_SLOT";
+pub(crate) const ENV_GENERATION: &str = "NOTESD_GENERATION";
+pub(crate) const ENV_MASTER_PID: &str = "NOTESD_MASTER_PID";
 /// Every variable above: set fresh for each worker, never inherited.
-pub const ENV_ALL: &[&str] = &[
+pub(crate) const ENV_ALL: &[&str] = &[
     ENV_PROTOCOL,
     ENV_LISTENERS,
     ENV_SLOT,
@@ -48,18 +48,18 @@ pub const ENV_ALL: &[&str] = &[
 ];
 
 /// Worker exit codes the master understands.
-pub const EXIT_OK: i32 = 0;
+pub(crate) const EXIT_OK: i32 = 0;
 /// The worker could not get ready (database, schema, bad fds).
-pub const EXIT_BOOT_FAILED: i32 = 3;
+pub(crate) const EXIT_BOOT_FAILED: i32 = 3;
 /// The worker does not speak the master's protocol version.
-pub const EXIT_PROTOCOL: i32 = 4;
+pub(crate) const EXIT_PROTOCOL: i32 = 4;
 
 /// Largest packet either side sends or accepts.
-pub const MAX_PACKET: usize = 64 * 1024;
+pub(crate) const MAX_PACKET: usize = 64 * 1024;
 
 /// Master → worker, once, right after spawn.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Boot {
+pub(crate) struct Boot {
     pub protocol: u32,
     pub config: Config,
 }
@@ -85,20 +85,18 @@ pub enum ToMaster {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum IpcError {
+pub(crate) enum IpcError {
     #[error("channel I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("bad message: {0}")]
     Decode(#[from] serde_json::Error),
-    #[error("channel closed")]
-    Closed,
 }
 
-pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, IpcError> {
+pub(crate) fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, IpcError> {
     Ok(serde_json::to_vec(msg)?)
 }
 
-pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, IpcError> {
+pub(crate) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, IpcError> {
     Ok(serde_json::from_slice(bytes)?)
 }
 

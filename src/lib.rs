@@ -31,6 +31,8 @@
 //! Flow: master: signal/child/tick → `Event` → `State::handle` → `Action`s →
 //! executed at the edge. Worker: accept → hyper → router → handler → store → JSON.
 
+#![warn(unreachable_pub)]
+
 /// This build's version: the package's, unless a test build names another
 /// (the test suite builds "newer" binaries from this tree to upgrade to).
 pub const VERSION: &str = match option_env!("NOTESD_BUILD_VERSION") {
@@ -51,15 +53,15 @@ pub fn test_variant(flag: &str) -> bool {
 }
 
 pub mod client;
-pub mod clock;
+pub(crate) mod clock;
 pub mod config;
-pub mod domain;
-pub mod http;
-pub mod ipc;
-pub mod listener;
+pub(crate) mod domain;
+pub(crate) mod http;
+pub(crate) mod ipc;
+pub(crate) mod listener;
 pub mod log;
 pub mod master;
-pub mod scoreboard;
+pub(crate) mod scoreboard;
 pub mod store;
-pub mod systemd;
+pub(crate) mod systemd;
 pub mod worker;

@@ -1,6 +1,6 @@
 //! Listening sockets: bind unix and TCP addresses, or adopt systemd's (LISTEN_FDS).
 //!
-//! The unix-socket rules (DESIGN §4): an existing path that refuses connections
+//! The unix-socket rules (docs/design.md §4): an existing path that refuses connections
 //! is stale and is unlinked; one that accepts belongs to a live server and we
 //! stop (exit 2); a path that is not a socket is never touched. Mode and group
 //! are set between `bind()` and `listen()`, so no client can connect through
@@ -97,7 +97,7 @@ impl Listener {
 
 /// Unix socket options.
 #[derive(Debug, Clone, Copy)]
-pub struct UnixOptions {
+pub(crate) struct UnixOptions {
     pub mode: u32,
     pub gid: Option<u32>,
     pub backlog: u32,
@@ -112,12 +112,12 @@ fn io_err(what: &'static str, addr: impl ToString, e: impl Into<io::Error>) -> L
 }
 
 /// Bind and listen on every address.
-pub fn bind_all(binds: &[Bind], unix: UnixOptions) -> Result<Vec<Listener>, ListenError> {
+pub(crate) fn bind_all(binds: &[Bind], unix: UnixOptions) -> Result<Vec<Listener>, ListenError> {
     binds.iter().map(|b| bind_one(b, unix)).collect()
 }
 
 /// Bind and listen on one address.
-pub fn bind_one(bind: &Bind, unix: UnixOptions) -> Result<Listener, ListenError> {
+pub(crate) fn bind_one(bind: &Bind, unix: UnixOptions) -> Result<Listener, ListenError> {
     match bind {
         Bind::Unix(path) => bind_unix(path, unix),
         Bind::Tcp(addr) => bind_tcp(*addr, unix.backlog),
@@ -125,7 +125,7 @@ pub fn bind_one(bind: &Bind, unix: UnixOptions) -> Result<Listener, ListenError>
 }
 
 /// A unix socket's mode and group (`socket_mode`, `socket_group`).
-pub fn apply_unix_options(path: &Path, o: UnixOptions) -> Result<(), ListenError> {
+pub(crate) fn apply_unix_options(path: &Path, o: UnixOptions) -> Result<(), ListenError> {
     let shown = path.display().to_string();
     nix::sys::stat::fchmodat(
         nix::fcntl::AT_FDCWD,
@@ -142,7 +142,7 @@ pub fn apply_unix_options(path: &Path, o: UnixOptions) -> Result<(), ListenError
 }
 
 /// Bind a unix stream socket with the stale/live rules, mode and group.
-pub fn bind_unix(path: &Path, o: UnixOptions) -> Result<Listener, ListenError> {
+pub(crate) fn bind_unix(path: &Path, o: UnixOptions) -> Result<Listener, ListenError> {
     let shown = path.display().to_string();
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
@@ -225,7 +225,7 @@ fn backlog(n: u32) -> Backlog {
 }
 
 /// Sockets passed by systemd socket activation, if LISTEN_PID is us.
-pub fn from_systemd() -> Result<Vec<Listener>, ListenError> {
+pub(crate) fn from_systemd() -> Result<Vec<Listener>, ListenError> {
     let fds = match sd_notify::listen_fds() {
         Ok(fds) => fds,
         Err(_) => return Ok(Vec::new()),

@@ -54,10 +54,10 @@ const OFF_H_FOLD_SEQ: usize = 32;
 const OFF_H_WRITE_GEN: usize = 40;
 const OFF_H_RETIRED: usize = 64;
 const BASE_SLOT: usize = 256;
-pub const SLOT_SIZE: usize = BASE_SLOT + METRICS_BYTES;
+pub(crate) const SLOT_SIZE: usize = BASE_SLOT + METRICS_BYTES;
 
 /// Route labels for metrics (index = position).
-pub const ROUTES: &[&str] = &[
+pub(crate) const ROUTES: &[&str] = &[
     "/",
     "/healthz",
     "/readyz",
@@ -67,11 +67,11 @@ pub const ROUTES: &[&str] = &[
     "other",
 ];
 /// Status codes counted individually; anything else lands in the last bucket.
-pub const STATUSES: &[u16] = &[
+pub(crate) const STATUSES: &[u16] = &[
     200, 201, 204, 400, 404, 405, 408, 411, 413, 415, 422, 431, 500, 503,
 ];
 /// Latency histogram upper bounds (seconds); a final +Inf bucket follows.
-pub const BUCKETS: &[f64] = &[
+pub(crate) const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 const N_ROUTES: usize = 8;
@@ -118,7 +118,7 @@ pub enum ScoreboardError {
 /// What a worker says it is doing (its own view; the master keeps its own).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
-pub enum WorkerPhase {
+pub(crate) enum WorkerPhase {
     Booting = 1,
     Serving = 2,
     Draining = 3,
@@ -444,7 +444,7 @@ impl Totals {
 }
 
 /// Index of a status in [`STATUSES`], or the "other" bucket.
-pub fn status_index(status: u16) -> usize {
+pub(crate) fn status_index(status: u16) -> usize {
     STATUSES
         .iter()
         .position(|s| *s == status)
@@ -472,31 +472,31 @@ pub struct SlotSnapshot {
 
 /// A worker's handle on its own slot.
 #[derive(Clone)]
-pub struct Slot {
+pub(crate) struct Slot {
     board: Arc<Scoreboard>,
     off: usize,
 }
 
 impl Slot {
-    pub fn new(board: Arc<Scoreboard>, slot: u32) -> Result<Slot, ScoreboardError> {
+    pub(crate) fn new(board: Arc<Scoreboard>, slot: u32) -> Result<Slot, ScoreboardError> {
         let off = board.slot_off(slot)?;
         Ok(Slot { board, off })
     }
 
-    pub fn heartbeat(&self, now_ns: u64) {
+    pub(crate) fn heartbeat(&self, now_ns: u64) {
         self.board
             .u64_at(self.off + OFF_HEARTBEAT)
             .store(now_ns, Ordering::Relaxed);
     }
 
-    pub fn set_phase(&self, phase: WorkerPhase) {
+    pub(crate) fn set_phase(&self, phase: WorkerPhase) {
         self.board
             .u32_at(self.off + OFF_STATE)
             .store(phase as u32, Ordering::Relaxed);
     }
 
     /// Record a finished request in the metrics.
-    pub fn record(&self, route: usize, status: u16, elapsed: std::time::Duration) {
+    pub(crate) fn record(&self, route: usize, status: u16, elapsed: std::time::Duration) {
         let base = self.off + BASE_SLOT;
         let r = route.min(ROUTES.len() - 1);
         let b = &self.board;
@@ -513,45 +513,52 @@ impl Slot {
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
-    pub fn request_started(&self) {
+    pub(crate) fn request_started(&self) {
         self.board
             .u32_at(self.off + OFF_IN_FLIGHT)
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn request_finished(&self) {
+    pub(crate) fn request_finished(&self) {
         self.board
             .u32_at(self.off + OFF_IN_FLIGHT)
             .fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The whole scoreboard (for `/metrics`, which reports all workers).
-    pub fn board(&self) -> &Scoreboard {
+    pub(crate) fn board(&self) -> &Scoreboard {
         &self.board
     }
 
     /// Count one request; returns the new total.
-    pub fn count_request(&self) -> u64 {
+    pub(crate) fn count_request(&self) -> u64 {
         self.board
             .u64_at(self.off + OFF_REQUESTS)
             .fetch_add(1, Ordering::Relaxed)
             + 1
     }
 
-    pub fn connection_opened(&self) {
+    pub(crate) fn connection_opened(&self) {
         self.board
             .u32_at(self.off + OFF_CONNS)
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn connection_closed(&self) {
+    pub(crate) fn connection_closed(&self) {
         self.board
             .u32_at(self.off + OFF_CONNS)
             .fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Record the request now being served; `token` identifies it for `end_request`.
-    pub fn begin_request(&self, token: u64, method: &str, path: &str, id: &str, now_ns: u64) {
+    pub(crate) fn begin_request(
+        &self,
+        token: u64,
+        method: &str,
+        path: &str,
+        id: &str,
+        now_ns: u64,
+    ) {
         let b = &self.board;
         let seq = b.u32_at(self.off + OFF_SEQ);
         seq.fetch_add(1, Ordering::AcqRel);
@@ -566,7 +573,7 @@ impl Slot {
     }
 
     /// Clear the current request if it is still the one `token` started.
-    pub fn end_request(&self, token: u64) {
+    pub(crate) fn end_request(&self, token: u64) {
         let b = &self.board;
         if b.u64_at(self.off + OFF_REQ_TOKEN).load(Ordering::Relaxed) != token {
             return;

@@ -11,12 +11,12 @@ fn send(states: &[NotifyState<'_>]) {
 }
 
 /// The first generation is ready, or a reload has completed.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// A HUP is being handled (Type=notify-reload wants MONOTONIC_USEC with it).
-pub fn reloading() {
+pub(crate) fn reloading() {
     match NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[
             NotifyState::Reloading,
@@ -27,19 +27,19 @@ pub fn reloading() {
     }
 }
 
-pub fn stopping() {
+pub(crate) fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }
 
-pub fn status(s: &str) {
+pub(crate) fn status(s: &str) {
     send(&[NotifyState::Status(s)]);
 }
 
-pub fn watchdog() {
+pub(crate) fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }
 
 /// How often to ping the watchdog (half its timeout), if systemd asked for one.
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|d| d / 2)
 }

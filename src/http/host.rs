@@ -14,7 +14,7 @@ use hyper::{HeaderMap, Version};
 
 /// Why a request's `Host` is refused (the 400's message).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HostError {
+pub(crate) enum HostError {
     #[error("an HTTP/1.1 request must carry a Host header")]
     Missing,
     #[error("more than one Host header")]
@@ -24,7 +24,7 @@ pub enum HostError {
 }
 
 /// Check the request's `Host` lines against RFC 9112 §3.2.
-pub fn check(version: Version, headers: &HeaderMap) -> Result<(), HostError> {
+pub(crate) fn check(version: Version, headers: &HeaderMap) -> Result<(), HostError> {
     let mut hosts = headers.get_all(HOST).iter();
     match (hosts.next(), hosts.next()) {
         (None, _) if version == Version::HTTP_11 => Err(HostError::Missing),

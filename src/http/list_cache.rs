@@ -37,11 +37,11 @@ const MAX_BYTES: usize = 4 * 1024 * 1024;
 const MAX_PAGES: usize = 256;
 
 /// `(limit, before)`: the query that made the page.
-pub type Key = (i64, Option<i64>);
+pub(crate) type Key = (i64, Option<i64>);
 
 /// A page as it was served: the JSON body and its `Link` header.
 #[derive(Clone, Debug)]
-pub struct Page {
+pub(crate) struct Page {
     pub body: Bytes,
     pub link: Option<HeaderValue>,
 }
@@ -53,7 +53,7 @@ struct Entry {
     page: Page,
 }
 
-pub struct ListCache {
+pub(crate) struct ListCache {
     ttl: Duration,
     pages: Mutex<Pages>,
     /// The last commit token read, and when its query started. One token
@@ -71,7 +71,7 @@ struct Pages {
 
 impl ListCache {
     /// A cache keeping pages for `ttl` (zero: keeps nothing).
-    pub fn new(ttl: Duration) -> ListCache {
+    pub(crate) fn new(ttl: Duration) -> ListCache {
         ListCache {
             ttl,
             pages: Mutex::new(Pages::default()),
@@ -81,7 +81,11 @@ impl ListCache {
 
     /// A commit token read after `since` (the request's arrival): every
     /// transaction committed before `since` is behind it.
-    pub async fn token(&self, store: &Store, since: Instant) -> Result<CommitToken, StoreError> {
+    pub(crate) async fn token(
+        &self,
+        store: &Store,
+        since: Instant,
+    ) -> Result<CommitToken, StoreError> {
         let mut last = self.token.lock().await;
         if let Some((started, token)) = &*last
             && *started >= since
@@ -94,7 +98,7 @@ impl ListCache {
         Ok(token)
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         !self.ttl.is_zero()
     }
 
@@ -107,7 +111,12 @@ impl ListCache {
     /// The page for `key`, if it was read at `generation` less than the TTL
     /// ago, with the commit token it was read at: the caller serves it only if
     /// the database's token is still that one.
-    pub fn get(&self, key: Key, generation: u64, now: Instant) -> Option<(Page, CommitToken)> {
+    pub(crate) fn get(
+        &self,
+        key: Key,
+        generation: u64,
+        now: Instant,
+    ) -> Option<(Page, CommitToken)> {
         if !self.enabled() {
             return None;
         }
@@ -122,7 +131,14 @@ impl ListCache {
     }
 
     /// Keep `page`, read at `generation` and `token` (both taken *before* the query).
-    pub fn put(&self, key: Key, generation: u64, token: CommitToken, now: Instant, page: Page) {
+    pub(crate) fn put(
+        &self,
+        key: Key,
+        generation: u64,
+        token: CommitToken,
+        now: Instant,
+        page: Page,
+    ) {
         let size = page.body.len();
         if !self.enabled() || size > MAX_PAGE_BYTES {
             return;

@@ -10,7 +10,7 @@ use hyper::{Response, StatusCode};
 
 use crate::scoreboard::{BUCKETS, ROUTES, STATUSES, Scoreboard, Totals};
 
-pub fn render(board: &Scoreboard) -> Response<Full<Bytes>> {
+pub(crate) fn render(board: &Scoreboard) -> Response<Full<Bytes>> {
     let text = format(&board.totals());
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     *resp.status_mut() = StatusCode::OK;
@@ -21,7 +21,7 @@ pub fn render(board: &Scoreboard) -> Response<Full<Bytes>> {
     resp
 }
 
-pub fn format(t: &Totals) -> String {
+pub(crate) fn format(t: &Totals) -> String {
     let mut out = String::with_capacity(4096);
     out.push_str(
         "# HELP notesd_http_requests_total HTTP requests answered, by route and status.\n",

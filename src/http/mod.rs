@@ -1,11 +1,11 @@
 //! The router: one `match` on (method, path). Handlers return
 //! `Result<Response, ApiError>`; errors become JSON at [`error`]'s edge.
 
-pub mod error;
-pub mod host;
-pub mod list_cache;
-pub mod metrics;
-pub mod notes;
+pub(crate) mod error;
+pub(crate) mod host;
+pub(crate) mod list_cache;
+pub(crate) mod metrics;
+pub(crate) mod notes;
 
 use std::time::Duration;
 
@@ -16,15 +16,15 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
-pub use error::ApiError;
+pub(crate) use error::ApiError;
 
 use crate::scoreboard::Slot;
 use crate::store::Store;
 
-pub type Body = Full<Bytes>;
+pub(crate) type Body = Full<Bytes>;
 
 /// What handlers may use: the store, the scoreboard and a few settings.
-pub struct AppState {
+pub(crate) struct AppState {
     pub store: Store,
     /// This worker's slot; `/metrics` reads the whole board through it.
     pub slot: Slot,
@@ -38,13 +38,13 @@ pub struct AppState {
 impl AppState {
     /// Call before a write reaches the store; when the guard drops (the write
     /// finished, failed or was cut short) cached list pages are stale.
-    pub fn writing(&self) -> Writing<'_> {
+    pub(crate) fn writing(&self) -> Writing<'_> {
         Writing(self)
     }
 }
 
 /// See [`AppState::writing`].
-pub struct Writing<'a>(&'a AppState);
+pub(crate) struct Writing<'a>(&'a AppState);
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
@@ -53,7 +53,7 @@ impl Drop for Writing<'_> {
 }
 
 /// Metric route label index (see [`crate::scoreboard::ROUTES`]) for a path.
-pub fn route_index(path: &str) -> usize {
+pub(crate) fn route_index(path: &str) -> usize {
     match path {
         "/" => 0,
         "/healthz" => 1,
@@ -75,12 +75,12 @@ const ALLOW_LIST: &str = "GET, HEAD, POST";
 const ALLOW_NOTE: &str = "GET, HEAD, PUT, PATCH, DELETE";
 
 /// Serialize straight into the response body.
-pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     json_response(status, json_bytes(value))
 }
 
 /// `value` as JSON bytes (a fixed error document if it cannot be encoded).
-pub fn json_bytes<T: Serialize>(value: &T) -> Bytes {
+pub(crate) fn json_bytes<T: Serialize>(value: &T) -> Bytes {
     match serde_json::to_vec(value) {
         Ok(b) => Bytes::from(b),
         Err(_) => {
@@ -90,7 +90,7 @@ pub fn json_bytes<T: Serialize>(value: &T) -> Bytes {
 }
 
 /// A response with a JSON body already encoded.
-pub fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -100,7 +100,7 @@ pub fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
 
 /// Route a request. The caller wraps it with the request timeout, the request
 /// id and the access log.
-pub async fn route(
+pub(crate) async fn route(
     app: &AppState,
     req: Request<Incoming>,
     deadline: tokio::time::Instant,
@@ -169,7 +169,7 @@ fn query_u64(query: Option<&str>, key: &str) -> Option<u64> {
 }
 
 /// A request id: the client's if it is sane (1–64 of `[A-Za-z0-9._-]`), else ours.
-pub fn request_id(
+pub(crate) fn request_id(
     incoming: Option<&HeaderValue>,
     generate: impl FnOnce() -> HeaderValue,
 ) -> HeaderValue {
@@ -186,7 +186,7 @@ pub fn request_id(
 }
 
 /// Our request id: `<pid hex>-<per-worker counter hex>`, unique per host.
-pub fn generated_request_id(pid: u32, token: u64) -> HeaderValue {
+pub(crate) fn generated_request_id(pid: u32, token: u64) -> HeaderValue {
     fn push_hex(buf: &mut [u8; 25], len: &mut usize, v: u64) {
         let digits = (64 - (v | 1).leading_zeros()).div_ceil(4) as usize;
         for i in (0..digits).rev() {

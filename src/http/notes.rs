@@ -12,18 +12,18 @@ use super::list_cache::Page;
 use super::{ApiError, AppState, Body, json};
 use crate::domain::{NewNote, Note, NotePatch};
 
-pub const DEFAULT_LIMIT: i64 = 50;
-pub const MAX_LIMIT: i64 = 200;
+pub(crate) const DEFAULT_LIMIT: i64 = 50;
+pub(crate) const MAX_LIMIT: i64 = 200;
 
 /// `?limit=&before=`, validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     pub limit: i64,
     pub before: Option<i64>,
 }
 
 impl ListQuery {
-    pub fn parse(query: Option<&str>) -> Result<ListQuery, ApiError> {
+    pub(crate) fn parse(query: Option<&str>) -> Result<ListQuery, ApiError> {
         let mut q = ListQuery {
             limit: DEFAULT_LIMIT,
             before: None,
@@ -55,14 +55,17 @@ impl ListQuery {
 }
 
 /// A note id: a positive integer that fits in i64.
-pub fn parse_id(s: &str) -> Option<i64> {
+pub(crate) fn parse_id(s: &str) -> Option<i64> {
     if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     s.parse::<i64>().ok().filter(|n| *n > 0)
 }
 
-pub async fn list(app: &AppState, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub(crate) async fn list(
+    app: &AppState,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let q = ListQuery::parse(req.uri().query())?;
     let key = (q.limit, q.before);
     // All read before the query: see `list_cache` on why the order matters.
@@ -107,7 +110,7 @@ fn page_response(page: Page) -> Response<Body> {
     resp
 }
 
-pub async fn create(
+pub(crate) async fn create(
     app: &AppState,
     req: Request<Incoming>,
     deadline: Instant,
@@ -135,11 +138,11 @@ fn found(id: i64, note: Option<Note>) -> Result<Response<Body>, ApiError> {
     }
 }
 
-pub async fn get(app: &AppState, id: i64) -> Result<Response<Body>, ApiError> {
+pub(crate) async fn get(app: &AppState, id: i64) -> Result<Response<Body>, ApiError> {
     found(id, app.store.get_note(id).await?)
 }
 
-pub async fn put(
+pub(crate) async fn put(
     app: &AppState,
     id: i64,
     req: Request<Incoming>,
@@ -151,7 +154,7 @@ pub async fn put(
     found(id, app.store.put_note(id, &note).await?)
 }
 
-pub async fn patch(
+pub(crate) async fn patch(
     app: &AppState,
     id: i64,
     req: Request<Incoming>,
@@ -168,7 +171,7 @@ pub async fn patch(
     found(id, updated)
 }
 
-pub async fn delete(app: &AppState, id: i64) -> Result<Response<Body>, ApiError> {
+pub(crate) async fn delete(app: &AppState, id: i64) -> Result<Response<Body>, ApiError> {
     let _writing = app.writing();
     if app.store.delete_note(id).await? {
         let mut resp = Response::new(Full::new(Bytes::new()));
@@ -180,7 +183,7 @@ pub async fn delete(app: &AppState, id: i64) -> Result<Response<Body>, ApiError>
 }
 
 /// Is this `Content-Type` JSON (`application/json`, any parameters, any case)?
-pub fn is_json(content_type: Option<&HeaderValue>) -> bool {
+pub(crate) fn is_json(content_type: Option<&HeaderValue>) -> bool {
     content_type
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())

@@ -12,10 +12,10 @@ use nix::sys::signal::Signal;
 
 use crate::master::state::Sig;
 
-/// What a signal to the master means (DESIGN §3). One table, read by both the
+/// What a signal to the master means (docs/design.md §3). One table, read by both the
 /// registration code and the dispatcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MasterSignal {
+pub(crate) enum MasterSignal {
     Hup,
     Child,
     /// USR2: re-exec in place from the binary at the resolved path, then reload.
@@ -23,7 +23,7 @@ pub enum MasterSignal {
     Act(Sig),
 }
 
-pub const SIGNAL_TABLE: &[(Signal, MasterSignal)] = &[
+pub(crate) const SIGNAL_TABLE: &[(Signal, MasterSignal)] = &[
     (Signal::SIGCHLD, MasterSignal::Child),
     (Signal::SIGINT, MasterSignal::Act(Sig::Int)),
     (Signal::SIGQUIT, MasterSignal::Act(Sig::Quit)),
@@ -44,7 +44,7 @@ pub enum SignalError {
 }
 
 /// Registered handlers: one flag per table row, one wake-up pipe.
-pub struct Signals {
+pub(crate) struct Signals {
     flags: Vec<Arc<AtomicBool>>,
     read: OwnedFd,
     _write: OwnedFd,
@@ -52,7 +52,7 @@ pub struct Signals {
 }
 
 impl Signals {
-    pub fn register() -> Result<Signals, SignalError> {
+    pub(crate) fn register() -> Result<Signals, SignalError> {
         let (read, write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
                 .map_err(SignalError::Pipe)?;
@@ -82,12 +82,12 @@ impl Signals {
         })
     }
 
-    pub fn wake_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    pub(crate) fn wake_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.read.as_fd()
     }
 
     /// Signals that arrived since the last call, in table order.
-    pub fn take(&self) -> Vec<MasterSignal> {
+    pub(crate) fn take(&self) -> Vec<MasterSignal> {
         let mut buf = [0u8; 64];
         while matches!(nix::unistd::read(&self.read, &mut buf), Ok(n) if n > 0) {}
         SIGNAL_TABLE

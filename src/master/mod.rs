@@ -6,11 +6,11 @@
 //! lives in [`state`].
 
 pub mod control;
-pub mod events;
+pub(crate) mod events;
 pub mod handover;
-pub mod sockets;
-pub mod spawn;
-pub mod state;
+pub(crate) mod sockets;
+pub(crate) mod spawn;
+pub(crate) mod state;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};

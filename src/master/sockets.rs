@@ -17,21 +17,21 @@ use std::rc::Rc;
 use crate::config::{Bind, Config};
 use crate::listener::{self, ListenError, Listener, UnixOptions};
 
-pub struct Sockets {
+pub(crate) struct Sockets {
     /// First generation served → the listeners, in `server.bind` order (the
     /// order workers get them in). Never empty; key 0 is the first set.
     sets: BTreeMap<u32, Vec<Rc<Listener>>>,
 }
 
 impl Sockets {
-    pub fn new(listeners: Vec<Listener>) -> Sockets {
+    pub(crate) fn new(listeners: Vec<Listener>) -> Sockets {
         Sockets {
             sets: BTreeMap::from([(0, listeners.into_iter().map(Rc::new).collect())]),
         }
     }
 
     /// The listeners workers of generation `g` get.
-    pub fn for_generation(&self, g: u32) -> &[Rc<Listener>] {
+    pub(crate) fn for_generation(&self, g: u32) -> &[Rc<Listener>] {
         self.sets
             .range(..=g)
             .next_back()
@@ -41,7 +41,7 @@ impl Sockets {
     }
 
     /// Every listener held, each once.
-    pub fn all(&self) -> Vec<&Listener> {
+    pub(crate) fn all(&self) -> Vec<&Listener> {
         let mut seen = BTreeSet::new();
         self.sets
             .values()
@@ -52,7 +52,7 @@ impl Sockets {
     }
 
     /// One set only: no generation from before a bind change still drains.
-    pub fn is_settled(&self) -> bool {
+    pub(crate) fn is_settled(&self) -> bool {
         self.sets.len() == 1
     }
 
@@ -60,7 +60,7 @@ impl Sockets {
     /// `None` when the binds are the same (the unix sockets' mode and group
     /// are applied to the kept ones either way). Binding a new address can fail;
     /// then nothing changed.
-    pub fn reconcile(
+    pub(crate) fn reconcile(
         &mut self,
         next: u32,
         config: &Config,
@@ -105,7 +105,7 @@ impl Sockets {
     /// Close the sets no generation in `live` uses (that of a refused or
     /// abandoned reload included); unlink the socket files only they held.
     /// Returns the binds closed.
-    pub fn retire_unused(&mut self, live: &BTreeSet<u32>) -> Vec<String> {
+    pub(crate) fn retire_unused(&mut self, live: &BTreeSet<u32>) -> Vec<String> {
         let keys: Vec<u32> = self.sets.keys().copied().collect();
         let mut closed = Vec::new();
         for (i, key) in keys.iter().enumerate() {

@@ -35,12 +35,12 @@ pub enum SpawnError {
 
 /// Credentials a worker switches to (resolved in the master, applied in the child).
 #[derive(Debug, Clone, Copy)]
-pub struct Creds {
+pub(crate) struct Creds {
     pub uid: u32,
     pub gid: u32,
 }
 
-pub struct Spawner {
+pub(crate) struct Spawner {
     exe: CString,
     master_pid: i32,
     creds: Option<Creds>,
@@ -59,7 +59,7 @@ const DROP_ENV: &[&str] = &[
 ];
 
 impl Spawner {
-    pub fn new(exe: &Path, creds: Option<Creds>) -> Result<Spawner, SpawnError> {
+    pub(crate) fn new(exe: &Path, creds: Option<Creds>) -> Result<Spawner, SpawnError> {
         let devnull = std::fs::File::open("/dev/null").map_err(SpawnError::DevNull)?;
         let base_env = std::env::vars_os()
             .filter(|(k, _)| {
@@ -84,7 +84,7 @@ impl Spawner {
 
     /// Fork+exec `notesd worker` for `slot`; returns its pid and the master's end
     /// of its channel (non-blocking), after sending the boot message.
-    pub fn spawn(
+    pub(crate) fn spawn(
         &self,
         generation: u32,
         slot: u32,
@@ -226,8 +226,8 @@ fn child(
 }
 
 /// The binary to exec for workers: resolved once, when the master starts, so a
-/// HUP after `apt upgrade` runs the new file at the same path (DESIGN §4).
-pub fn resolve_exe() -> std::io::Result<PathBuf> {
+/// HUP after `apt upgrade` runs the new file at the same path (docs/design.md §4).
+pub(crate) fn resolve_exe() -> std::io::Result<PathBuf> {
     let arg0 = std::env::args_os().next().unwrap_or_default();
     let arg0 = PathBuf::from(arg0);
     // Absolute, but symlinks kept: the path is what an upgrade replaces.

@@ -22,20 +22,20 @@ use super::StoreError;
 use crate::clock;
 
 /// A connection idle longer than this is pinged before use.
-pub const IDLE_PING: Duration = Duration::from_secs(1);
+pub(crate) const IDLE_PING: Duration = Duration::from_secs(1);
 /// After a broken connection, older connections are suspect for this long.
-pub const SUSPECT_WINDOW: Duration = Duration::from_secs(30);
+pub(crate) const SUSPECT_WINDOW: Duration = Duration::from_secs(30);
 
 /// When this process last saw a broken connection (`CLOCK_MONOTONIC` ns; 0: never).
 static LAST_BROKEN_NS: AtomicU64 = AtomicU64::new(0);
 
 /// Remember that a connection broke now.
-pub fn broke() {
+pub(crate) fn broke() {
     LAST_BROKEN_NS.store(clock::now_ns().max(1), Ordering::Relaxed);
 }
 
 /// Ping this idle connection before use?
-pub fn should_ping(age: Duration, idle_for: Duration) -> bool {
+pub(crate) fn should_ping(age: Duration, idle_for: Duration) -> bool {
     should_ping_at(
         age,
         idle_for,
@@ -57,7 +57,7 @@ fn should_ping_at(age: Duration, idle_for: Duration, last_broken_ns: u64, now_ns
 
 /// The connection itself failed (not the query, not a busy or saturated
 /// database): another connection may well succeed.
-pub fn broken(e: &sqlx::Error) -> bool {
+pub(crate) fn broken(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => {
@@ -71,7 +71,7 @@ pub fn broken(e: &sqlx::Error) -> bool {
 }
 
 /// Wrap a query error, remembering a broken connection.
-pub fn observe(e: sqlx::Error) -> StoreError {
+pub(crate) fn observe(e: sqlx::Error) -> StoreError {
     if broken(&e) {
         broke();
     }

@@ -6,10 +6,10 @@
 //! embedded list, so `serve` can refuse a database that is behind (run
 //! `notesd migrate`) or ahead (a newer binary migrated it) of this binary.
 
-pub mod health;
+pub(crate) mod health;
 pub mod migrate;
-pub mod notes;
-pub mod pool;
+pub(crate) mod notes;
+pub(crate) mod pool;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -17,7 +17,6 @@ struct Sql {
     put: &'static str,
     patch: &'static str,
     delete: &'static str,
-    count: &'static str,
 }
 
 /// Columns every read returns, in `note()`'s order.
@@ -66,7 +65,6 @@ const PG: Sql = Sql {
         pg_cols!()
     ),
     delete: "DELETE FROM notes WHERE id = $1",
-    count: "SELECT count(*) FROM notes",
 };
 
 const LITE: Sql = Sql {
@@ -97,7 +95,6 @@ const LITE: Sql = Sql {
         lite_cols!()
     ),
     delete: "DELETE FROM notes WHERE id = $1",
-    count: "SELECT count(*) FROM notes",
 };
 
 /// Run `$body` with `$conn` bound to a pooled connection, `$sql` to the
@@ -331,15 +328,6 @@ impl Store {
     pub(super) async fn select_one(&self) -> Result<(), StoreError> {
         with_conn!(read self, |p, sql, note| {
             sqlx::query("SELECT 1").execute(p).await.map(|_| ())?
-        })
-    }
-
-    pub async fn count_notes(&self) -> Result<i64, StoreError> {
-        with_conn!(read self, |p, sql, note| {
-            sqlx::query(sql.count)
-                .fetch_one(p)
-                .await?
-                .try_get::<i64, _>(0)?
         })
     }
 }

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 /// Why a worker is leaving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
+pub(crate) enum Stop {
     /// SIGTERM (reload, recycle, shutdown): stop accepting, drain, exit 0.
     Drain,
     /// SIGQUIT/SIGINT: exit now.
@@ -19,18 +19,18 @@ pub enum Stop {
 
 /// Broadcasts the first stop decision to every task.
 #[derive(Clone)]
-pub struct Lifecycle {
+pub(crate) struct Lifecycle {
     tx: Arc<watch::Sender<Option<Stop>>>,
 }
 
 impl Lifecycle {
-    pub fn new() -> Lifecycle {
+    pub(crate) fn new() -> Lifecycle {
         Lifecycle {
             tx: Arc::new(watch::Sender::new(None)),
         }
     }
 
-    pub fn stop(&self, why: Stop) {
+    pub(crate) fn stop(&self, why: Stop) {
         self.tx.send_if_modified(|cur| match cur {
             // An urgent stop may override a drain; nothing overrides `Now`.
             Some(Stop::Now) => false,
@@ -42,12 +42,12 @@ impl Lifecycle {
         });
     }
 
-    pub fn current(&self) -> Option<Stop> {
+    pub(crate) fn current(&self) -> Option<Stop> {
         *self.tx.borrow()
     }
 
     /// Resolves once any stop is decided.
-    pub async fn stopped(&self) -> Stop {
+    pub(crate) async fn stopped(&self) -> Stop {
         let mut rx = self.tx.subscribe();
         loop {
             if let Some(s) = *rx.borrow_and_update() {
@@ -60,7 +60,7 @@ impl Lifecycle {
     }
 
     /// Resolves on an immediate stop only.
-    pub async fn stopped_now(&self) {
+    pub(crate) async fn stopped_now(&self) {
         let mut rx = self.tx.subscribe();
         loop {
             if *rx.borrow_and_update() == Some(Stop::Now) {
@@ -80,8 +80,8 @@ impl Default for Lifecycle {
 }
 
 /// Register TERM/QUIT/INT/USR1 with tokio (dispositions are never reset by
-/// hand first; see DESIGN §4) and turn them into stop decisions.
-pub fn watch_signals(life: Lifecycle) -> std::io::Result<()> {
+/// hand first; see docs/design.md §4) and turn them into stop decisions.
+pub(crate) fn watch_signals(life: Lifecycle) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut quit = signal(SignalKind::quit())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -100,12 +100,12 @@ pub fn watch_signals(life: Lifecycle) -> std::io::Result<()> {
 }
 
 /// Is the master that spawned us still our parent?
-pub fn master_alive(master_pid: i32) -> bool {
+pub(crate) fn master_alive(master_pid: i32) -> bool {
     nix::unistd::getppid().as_raw() == master_pid
 }
 
 /// Heartbeat interval: at least four beats per `timeout`, at most a second apart.
-pub fn heartbeat_interval(timeout: Duration) -> Duration {
+pub(crate) fn heartbeat_interval(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 

@@ -6,8 +6,8 @@
 //! A handler that blocks the runtime also stops the heartbeat, which is
 //! exactly what the master's `timeout` catches.
 
-pub mod lifecycle;
-pub mod server;
+pub(crate) mod lifecycle;
+pub(crate) mod server;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
@@ -34,8 +34,6 @@ pub enum WorkerError {
     Boot(String),
     #[error("scoreboard: {0}")]
     Scoreboard(#[from] crate::scoreboard::ScoreboardError),
-    #[error("tokio runtime: {0}")]
-    Runtime(std::io::Error),
 }
 
 impl WorkerError {

@@ -35,7 +35,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const HEAD_TIMEOUT_WITHOUT_KEEPALIVE: u64 = 5;
 
 /// Everything a request needs, shared by all connections of this worker.
-pub struct Shared {
+pub(crate) struct Shared {
     pub app: AppState,
     pub config: Arc<Config>,
     pub slot: Slot,
@@ -112,7 +112,7 @@ impl InFlight {
 }
 
 impl Shared {
-    pub fn new(config: Arc<Config>, store: Store, slot: Slot, channel: Channel) -> Shared {
+    pub(crate) fn new(config: Arc<Config>, store: Store, slot: Slot, channel: Channel) -> Shared {
         let pid = std::process::id();
         let s = &config.server;
         let retire_at = if s.max_requests == 0 {
@@ -155,12 +155,12 @@ fn jitter(pid: u32, jitter: u64) -> u64 {
     x % (jitter + 1)
 }
 
-pub enum Listener {
+pub(crate) enum Listener {
     Unix(tokio::net::UnixListener),
     Tcp(tokio::net::TcpListener),
 }
 
-pub fn adopt_listeners(fds: Vec<(bool, OwnedFd)>) -> std::io::Result<Vec<Listener>> {
+pub(crate) fn adopt_listeners(fds: Vec<(bool, OwnedFd)>) -> std::io::Result<Vec<Listener>> {
     fds.into_iter()
         .map(|(unix, fd)| {
             if unix {
@@ -177,7 +177,7 @@ pub fn adopt_listeners(fds: Vec<(bool, OwnedFd)>) -> std::io::Result<Vec<Listene
 }
 
 /// Serve until told to stop; returns why.
-pub async fn run(shared: Arc<Shared>, listeners: Vec<Listener>, life: Lifecycle) -> Stop {
+pub(crate) async fn run(shared: Arc<Shared>, listeners: Vec<Listener>, life: Lifecycle) -> Stop {
     let mut builder = http1::Builder::new();
     let keepalive = shared.config.server.keepalive;
     builder
