@@ -1,6 +1,6 @@
 //! Configuration: `notesd.toml` + environment + flags → one validated [`Config`].
 //!
-//! Lookup order (DESIGN §1): `-c FILE`, else `$NOTESD_CONFIG`, else
+//! Lookup order (docs/design.md §1): `-c FILE`, else `$NOTESD_CONFIG`, else
 //! `/etc/notesd/notesd.toml` if it exists, else the embedded defaults.
 //! `DATABASE_URL`, then `NOTESD_DATABASE_URL`, override `database.url`; flags
 //! override both.
@@ -85,8 +85,8 @@ pub struct HttpConfig {
     pub max_body_bytes: u64,
     pub request_timeout: u64,
     pub max_header_bytes: u64,
-    /// ms a worker may serve a `GET /api/notes` page again without a write
-    /// through this server in between (0 = off; see `http::list_cache`).
+    /// ms a worker may serve a `GET /api/notes` page again, as long as the
+    /// database saw no commit since (0 = off; see `http::list_cache`).
     pub list_cache_ms: u64,
 }
 
@@ -299,7 +299,7 @@ fn check_postgres_url(url: &str) -> Result<(), String> {
 }
 
 impl Config {
-    /// The embedded defaults: serve at once from `./var/` (DESIGN §2).
+    /// The embedded defaults: serve at once from `./var/` (docs/design.md §2).
     pub fn embedded() -> Config {
         Config {
             server: ServerConfig {
@@ -587,7 +587,7 @@ impl Problems {
     }
 }
 
-/// Which file to read, following DESIGN §1 (`None` = embedded defaults).
+/// Which file to read, following docs/design.md §1 (`None` = embedded defaults).
 pub fn locate(explicit: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = explicit {
         return Some(p.to_path_buf());
