@@ -1,4 +1,4 @@
-//! The notes API (DESIGN §5), black-box, on both backends: every route and
+//! The notes API (docs/design.md §5), black-box, on both backends: every route and
 //! every error status, Unicode titles at the limit, keyset pagination through
 //! the Link header, request bodies framed every way (Content-Length, chunked,
 //! neither, too large), request ids, HEAD, exact metrics counts, concurrent
