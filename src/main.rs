@@ -13,6 +13,7 @@ mod cli;
 
 use cli::{Cli, Command, ConfigArg};
 use notesd::config::{self, Config, ConfigError, Overrides};
+use notesd::exit;
 use notesd::store::{self, Purpose, Store};
 
 fn main() -> ExitCode {
@@ -24,7 +25,9 @@ fn main() -> ExitCode {
         other => match dispatch(other) {
             Ok(code) => code,
             Err(e) => {
-                let code = e.downcast_ref::<Exit>().map_or(1, |Exit(c, _)| *c);
+                let code = e
+                    .downcast_ref::<Exit>()
+                    .map_or(exit::FAILURE, |Exit(c, _)| *c);
                 eprintln!("notesd: {}", chain(&e));
                 code
             }
@@ -54,7 +57,7 @@ fn chain(e: &anyhow::Error) -> String {
 struct Exit(i32, String);
 
 fn load(o: &Overrides) -> anyhow::Result<Config> {
-    config::load(o).map_err(|e: ConfigError| anyhow::Error::new(Exit(2, e.to_string())))
+    config::load(o).map_err(|e: ConfigError| anyhow::Error::new(Exit(exit::USAGE, e.to_string())))
 }
 
 fn overrides(c: ConfigArg) -> Overrides {
@@ -74,7 +77,7 @@ fn check(c: ConfigArg) -> i32 {
                 cfg.worker_count(),
                 store::redact(&cfg.database.url)
             );
-            0
+            exit::OK
         }
         Err(e) => {
             let name = config::locate(o.config_path.as_deref())
@@ -83,7 +86,7 @@ fn check(c: ConfigArg) -> i32 {
             for p in e.problems() {
                 eprintln!("{p}");
             }
-            2
+            exit::USAGE
         }
     }
 }
@@ -97,11 +100,11 @@ fn handover_check() -> i32 {
                 record.from,
                 record.version
             );
-            0
+            exit::OK
         }
         Err(e) => {
             eprintln!("notesd: {e}");
-            1
+            exit::FAILURE
         }
     }
 }
@@ -165,7 +168,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
                 store.check_schema().await.context("seed")?;
                 let n = store.seed(count).await.context("seed")?;
                 println!("notesd: inserted {n} notes");
-                Ok(0)
+                Ok(exit::OK)
             })
         }
         Command::Status { config, json } => {
@@ -176,16 +179,16 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
             } else {
                 print_status(&st);
             }
-            Ok(0)
+            Ok(exit::OK)
         }
         Command::Reload { config } => {
             let cfg = load(&overrides(config))?;
             let answer = notesd::client::reload(&cfg.server.control_socket)?;
             if answer.ok {
                 println!("notesd: {}", answer.message);
-                Ok(0)
+                Ok(exit::OK)
             } else {
-                Err(Exit(1, answer.message).into())
+                Err(Exit(exit::FAILURE, answer.message).into())
             }
         }
         Command::Healthcheck { config, socket } => {
@@ -197,7 +200,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
             };
             notesd::client::healthcheck(&socket)?;
             println!("notesd: healthy ({})", socket.display());
-            Ok(0)
+            Ok(exit::OK)
         }
         Command::Worker | Command::Check { .. } | Command::HandoverCheck => {
             unreachable!("handled in main")
@@ -209,7 +212,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
 fn resume() -> anyhow::Result<i32> {
     let taken = notesd::master::handover::take()
         .context("no handover")?
-        .map_err(|e| Exit(1, e.to_string()))?;
+        .map_err(|e| Exit(exit::FAILURE, e.to_string()))?;
     let (record, fds) = taken;
     let log = record
         .state
@@ -280,7 +283,7 @@ async fn migrate(cfg: &Config, status_only: bool) -> anyhow::Result<i32> {
         println!("notesd {}: {}", notesd::VERSION, state.problem());
     }
     store.close().await;
-    Ok(0)
+    Ok(exit::OK)
 }
 
 /// The SQLite database file (for the migration lock), if the URL is SQLite.

@@ -8,7 +8,7 @@ use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
 
-use crate::scoreboard::{BUCKETS, ROUTES, STATUSES, Scoreboard, Totals};
+use crate::scoreboard::{BUCKETS, Route, STATUSES, Scoreboard, Totals};
 
 pub(crate) fn render(board: &Scoreboard) -> Response<Full<Bytes>> {
     let text = format(&board.totals());
@@ -27,16 +27,17 @@ pub(crate) fn format(t: &Totals) -> String {
         "# HELP notesd_http_requests_total HTTP requests answered, by route and status.\n",
     );
     out.push_str("# TYPE notesd_http_requests_total counter\n");
-    for (r, route) in ROUTES.iter().enumerate() {
+    for route in Route::ALL {
+        let label = route.label();
         for s in 0..Totals::status_buckets() {
-            let n = t.requests(r, s);
+            let n = t.requests(route, s);
             if n == 0 {
                 continue;
             }
             let status = STATUSES.get(s).map_or("other".to_string(), u16::to_string);
             let _ = writeln!(
                 out,
-                "notesd_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                "notesd_http_requests_total{{route=\"{label}\",status=\"{status}\"}} {n}"
             );
         }
     }
@@ -44,31 +45,32 @@ pub(crate) fn format(t: &Totals) -> String {
         "# HELP notesd_http_request_duration_seconds Time to answer a request, by route.\n",
     );
     out.push_str("# TYPE notesd_http_request_duration_seconds histogram\n");
-    for (r, route) in ROUTES.iter().enumerate() {
-        let count: u64 = (0..=BUCKETS.len()).map(|b| t.bucket(r, b)).sum();
+    for route in Route::ALL {
+        let label = route.label();
+        let count: u64 = (0..=BUCKETS.len()).map(|b| t.bucket(route, b)).sum();
         if count == 0 {
             continue;
         }
         let mut cumulative = 0;
         for (b, le) in BUCKETS.iter().enumerate() {
-            cumulative += t.bucket(r, b);
+            cumulative += t.bucket(route, b);
             let _ = writeln!(
                 out,
-                "notesd_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{le}\"}} {cumulative}"
+                "notesd_http_request_duration_seconds_bucket{{route=\"{label}\",le=\"{le}\"}} {cumulative}"
             );
         }
         let _ = writeln!(
             out,
-            "notesd_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}"
+            "notesd_http_request_duration_seconds_bucket{{route=\"{label}\",le=\"+Inf\"}} {count}"
         );
         let _ = writeln!(
             out,
-            "notesd_http_request_duration_seconds_sum{{route=\"{route}\"}} {:.6}",
-            t.sum_seconds(r)
+            "notesd_http_request_duration_seconds_sum{{route=\"{label}\"}} {:.6}",
+            t.sum_seconds(route)
         );
         let _ = writeln!(
             out,
-            "notesd_http_request_duration_seconds_count{{route=\"{route}\"}} {count}"
+            "notesd_http_request_duration_seconds_count{{route=\"{label}\"}} {count}"
         );
     }
     out.push_str("# HELP notesd_http_requests_in_flight Requests being answered now.\n");

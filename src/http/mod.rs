@@ -18,7 +18,7 @@ use serde::Serialize;
 
 pub(crate) use error::ApiError;
 
-use crate::scoreboard::Slot;
+use crate::scoreboard::{Route, Slot};
 use crate::store::Store;
 
 pub(crate) type Body = Full<Bytes>;
@@ -52,21 +52,21 @@ impl Drop for Writing<'_> {
     }
 }
 
-/// Metric route label index (see [`crate::scoreboard::ROUTES`]) for a path.
-pub(crate) fn route_index(path: &str) -> usize {
+/// The route a path counts under in `/metrics`.
+pub(crate) fn metric_route(path: &str) -> Route {
     match path {
-        "/" => 0,
-        "/healthz" => 1,
-        "/readyz" => 2,
-        "/api/notes" => 3,
-        "/metrics" => 5,
+        "/" => Route::Root,
+        "/healthz" => Route::Healthz,
+        "/readyz" => Route::Readyz,
+        "/api/notes" => Route::Notes,
+        "/metrics" => Route::Metrics,
         p if p
             .strip_prefix("/api/notes/")
             .is_some_and(|id| notes::parse_id(id).is_some()) =>
         {
-            4
+            Route::Note
         }
-        _ => 6,
+        _ => Route::Other,
     }
 }
 

@@ -1,8 +1,10 @@
-//! THE signal table, and the wait for the next thing to happen.
+//! THE signal table, and the handlers behind it.
 //!
 //! Signal handlers only record that a signal arrived (an atomic flag per
-//! signal) and write a byte to a self-pipe, so `poll()` wakes up (gunicorn's
-//! "handlers only enqueue"). Everything else happens in the main loop.
+//! signal) and write a byte to a self-pipe (gunicorn's "handlers only
+//! enqueue"). The master's main loop (`master::Edge::main_loop`) polls that
+//! pipe together with the workers' channels and the control socket, then
+//! [`Signals::take`]s what arrived; everything else happens there.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;

@@ -81,9 +81,9 @@ impl MasterError {
     /// Exit code at the edge: conflicts with another server are usage errors (2).
     pub fn exit_code(&self) -> i32 {
         match self {
-            MasterError::Listen(e) if e.is_conflict() => 2,
-            MasterError::Creds(_) => 2,
-            _ => 1,
+            MasterError::Listen(e) if e.is_conflict() => crate::exit::USAGE,
+            MasterError::Creds(_) => crate::exit::USAGE,
+            _ => crate::exit::FAILURE,
         }
     }
 }

@@ -324,7 +324,7 @@ impl State {
             resumed_at: snapshot.resumed_at,
             retire_queue: snapshot.retire_queue.into_iter().collect(),
             kill_all_sent: false,
-            exit_code: 0,
+            exit_code: crate::exit::OK,
             started_at: snapshot.started_at,
             restarts: snapshot.restarts,
             boot_failures: snapshot.boot_failures,
@@ -353,7 +353,7 @@ impl State {
             resumed_at: Duration::ZERO,
             retire_queue: VecDeque::new(),
             kill_all_sent: false,
-            exit_code: 0,
+            exit_code: crate::exit::OK,
             started_at: now,
             restarts: 0,
             boot_failures: 0,
@@ -728,6 +728,8 @@ impl State {
         }
     }
 
+    /// A worker of `generation` could not boot: back off, then either
+    /// abandon the reload it belongs to, give up the first start, or retry.
     fn boot_failed(
         &mut self,
         generation: u32,
@@ -745,57 +747,12 @@ impl State {
             p.failures += 1;
             let spawned = self.configs[&generation].worker_count();
             if fatal || p.failures >= RELOAD_BOOT_ATTEMPTS.min(spawned.max(1)) {
-                out.push(Action::Log(
-                    Level::Error,
-                    format!(
-                        "reload abandoned: generation {generation} cannot boot ({error}); generation {} keeps serving",
-                        self.current
-                    ),
-                ));
-                self.pending = None;
-                self.reload_in_progress = false;
-                self.target = self.configs[&self.current].worker_count();
-                self.failures_in_row = 0;
-                self.backoff_until = Duration::ZERO;
-                let doomed: Vec<Pid> = self
-                    .workers
-                    .values()
-                    .filter(|w| w.generation == generation)
-                    .map(|w| w.pid)
-                    .collect();
-                for pid in doomed {
-                    self.send(pid, WorkerSig::Quit, now, out);
-                }
-                out.push(Action::Notify(Notify::Ready));
-                out.push(Action::ReloadDone(ReloadOutcome::Abandoned(format!(
-                    "generation {generation} cannot boot ({error}); generation {} keeps serving",
-                    self.current
-                ))));
+                self.abandon_reload(generation, &error, now, out);
             }
             return;
         }
         if !self.ever_ready && (fatal || self.failures_in_row >= FIRST_BOOT_ATTEMPTS) {
-            // A fatal cause (the schema does not match) is a runtime failure
-            // (1); workers that keep failing to boot are Gunicorn's 3.
-            self.exit_code = if fatal { 1 } else { 3 };
-            out.push(Action::Log(
-                Level::Error,
-                format!(
-                    "no worker could boot ({} attempt(s)); last error: {error}; exiting with code {}",
-                    self.failures_in_row, self.exit_code
-                ),
-            ));
-            for pid in self.workers.keys() {
-                out.push(Action::Signal {
-                    pid: *pid,
-                    sig: WorkerSig::Kill,
-                });
-            }
-            out.push(Action::Exit(self.exit_code));
-            self.phase = Phase::Stopping {
-                deadline: now,
-                quick: true,
-            };
+            self.give_up_first_start(fatal, &error, now, out);
         } else {
             out.push(Action::Log(
                 Level::Warn,
@@ -806,6 +763,76 @@ impl State {
                 ),
             ));
         }
+    }
+
+    /// The pending generation cannot boot: stop its workers, keep the
+    /// current one serving, and say so to systemd and to `notesd reload`.
+    fn abandon_reload(
+        &mut self,
+        generation: u32,
+        error: &str,
+        now: Duration,
+        out: &mut Vec<Action>,
+    ) {
+        let why = format!(
+            "generation {generation} cannot boot ({error}); generation {} keeps serving",
+            self.current
+        );
+        out.push(Action::Log(
+            Level::Error,
+            format!("reload abandoned: {why}"),
+        ));
+        self.pending = None;
+        self.reload_in_progress = false;
+        self.target = self.configs[&self.current].worker_count();
+        self.failures_in_row = 0;
+        self.backoff_until = Duration::ZERO;
+        let doomed: Vec<Pid> = self
+            .workers
+            .values()
+            .filter(|w| w.generation == generation)
+            .map(|w| w.pid)
+            .collect();
+        for pid in doomed {
+            self.send(pid, WorkerSig::Quit, now, out);
+        }
+        out.push(Action::Notify(Notify::Ready));
+        out.push(Action::ReloadDone(ReloadOutcome::Abandoned(why)));
+    }
+
+    /// No worker of the first generation ever got ready: exit. A fatal cause
+    /// (the schema does not match) is a runtime failure; workers that keep
+    /// failing to boot are Gunicorn's 3.
+    fn give_up_first_start(
+        &mut self,
+        fatal: bool,
+        error: &str,
+        now: Duration,
+        out: &mut Vec<Action>,
+    ) {
+        self.exit_code = if fatal {
+            crate::exit::FAILURE
+        } else {
+            crate::exit::NO_WORKER_BOOTED
+        };
+        out.push(Action::Log(
+            Level::Error,
+            format!(
+                "no worker could boot ({} attempt(s)); last error: {error}; exiting with code {}",
+                self.failures_in_row, self.exit_code
+            ),
+        ));
+        for pid in self.workers.keys() {
+            out.push(Action::Signal {
+                pid: *pid,
+                sig: WorkerSig::Kill,
+            });
+        }
+        out.push(Action::Exit(self.exit_code));
+        self.phase = Phase::Stopping {
+            deadline: now,
+            quick: true,
+        };
     }
 
     /// "Kill the stuck": a stalled master forgives, silent workers are
@@ -947,24 +974,38 @@ impl State {
         if matches!(self.phase, Phase::Stopping { .. }) {
             return;
         }
-        // 1. Start a queued retirement (one at a time).
-        if !self
+        self.start_queued_retirement();
+        self.top_up(now, out);
+        while let Some(victim) = self.next_to_go() {
+            self.stop(victim, now, out);
+        }
+        self.announce_readiness(out);
+    }
+
+    /// Start a queued retirement (max_requests), one at a time.
+    fn start_queued_retirement(&mut self) {
+        if self
             .workers
             .values()
             .any(|w| w.state == WorkerState::Retiring)
         {
-            while let Some(pid) = self.retire_queue.pop_front() {
-                if self
-                    .workers
-                    .get(&pid)
-                    .is_some_and(|w| w.state == WorkerState::Ready)
-                {
-                    self.set_state(pid, WorkerState::Retiring);
-                    break;
-                }
+            return;
+        }
+        while let Some(pid) = self.retire_queue.pop_front() {
+            if self
+                .workers
+                .get(&pid)
+                .is_some_and(|w| w.state == WorkerState::Ready)
+            {
+                self.set_state(pid, WorkerState::Retiring);
+                return;
             }
         }
-        // 2. Spawn the newest generation up to its target (retirees don't count).
+    }
+
+    /// Spawn the newest generation up to its target (retirees don't count);
+    /// after a boot failure, one probe at a time once the backoff is over.
+    fn top_up(&mut self, now: Duration, out: &mut Vec<Action>) {
         let newest = self.generation();
         let unconfirmed = self.spawning.values().filter(|g| **g == newest).count() as u32;
         let of_newest = |s: WorkerState| {
@@ -975,30 +1016,29 @@ impl State {
         };
         let booting = of_newest(WorkerState::Booting) + unconfirmed;
         let active = booting + of_newest(WorkerState::Ready);
-        if active < self.target && now >= self.backoff_until {
-            // After a failure, probe with one worker at a time.
-            let want = if self.failures_in_row > 0 {
-                u32::from(booting == 0)
-            } else {
-                self.target - active
+        if active >= self.target || now < self.backoff_until {
+            return;
+        }
+        let want = if self.failures_in_row > 0 {
+            u32::from(booting == 0)
+        } else {
+            self.target - active
+        };
+        for _ in 0..want {
+            let Some(slot) = self.free_slot(out) else {
+                break;
             };
-            for _ in 0..want {
-                let Some(slot) = self.free_slot(out) else {
-                    break;
-                };
-                self.spawning.insert(slot, newest);
-                out.push(Action::Spawn {
-                    generation: newest,
-                    slot,
-                    config: self.configs[&newest].clone(),
-                });
-            }
+            self.spawning.insert(slot, newest);
+            out.push(Action::Spawn {
+                generation: newest,
+                slot,
+                config: self.configs[&newest].clone(),
+            });
         }
-        // 3. Stop what must go, one at a time, while ready workers cover the target.
-        while let Some(victim) = self.next_to_go() {
-            self.stop(victim, now, out);
-        }
-        // 4. Tell systemd when a start or a reload is complete.
+    }
+
+    /// READY to systemd once the first start, or a reload, is complete.
+    fn announce_readiness(&mut self, out: &mut Vec<Action>) {
         let ready = self.ready_count();
         if self.phase == Phase::Starting
             && ready > 0
@@ -1114,7 +1154,9 @@ impl State {
         slot
     }
 
-    /// Record the outcome of an `Action::Spawn` (the edge calls this through `handle`).
+    /// The outcome of an `Action::Spawn`: the edge calls this once it has
+    /// forked (or failed to), and it goes on as a `Spawned` or `SpawnFailed`
+    /// event through [`State::handle`].
     pub fn spawned(
         &mut self,
         slot: u32,

@@ -1,4 +1,7 @@
-//! Every reason a worker stops, and the one place they are decided.
+//! Every reason a worker stops ([`Stop`]), and how the first decision, made
+//! wherever it is made (a signal, the master's death, the drain's end),
+//! reaches every task: one [`Lifecycle`] watch channel, where a later, more
+//! urgent reason may override a drain but nothing overrides `Now`.
 
 use std::sync::Arc;
 use std::time::Duration;

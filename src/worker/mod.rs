@@ -45,7 +45,7 @@ impl WorkerError {
     }
 }
 
-/// The master end of our channel, for the few messages a worker sends.
+/// This worker's end of its channel to the master, for the few messages it sends.
 pub struct Channel {
     fd: OwnedFd,
 }

@@ -299,7 +299,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         http::generated_request_id(pid, token)
     });
     let method = req.method().clone();
-    let route = http::route_index(req.uri().path());
+    let route = http::metric_route(req.uri().path());
     // The access log's copy of the URI; the in-flight entry has its own.
     let logged_uri = shared.config.log.access_log.then(|| req.uri().clone());
     shared.in_flight.begin(

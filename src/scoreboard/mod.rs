@@ -24,15 +24,11 @@
 //! | 64 | request id (64 bytes) |
 //! | 128 | path (120 bytes, truncated) |
 //! | 248 | requests in flight (u32) |
-//! | 256 | metrics: request counters by route × status, latency histogram by route |
+//! | 256 | metrics: request counters by route × status, latency histogram by route ([`metrics`]) |
 //!
-//! Metrics are summed over all slots. A slot's metric counters are never
-//! reset: the next worker in a slot counts on from where the last one left,
-//! so every counter only ever grows and `/metrics` (answered by any worker,
-//! for all of them) never goes backwards, with no lock and no retry. (Older
-//! images folded a leaving worker's counters into the header's *retired*
-//! totals under a header sequence counter; those totals are still added in,
-//! and the sequence still checked, for a board inherited from one.)
+//! This module is the slot protocol (who writes what, the seqlock around the
+//! current request); [`metrics`] owns the counters after byte 256 and their
+//! sums for `/metrics`, which only ever grow.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
@@ -40,6 +36,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+
+pub(crate) mod metrics;
+
+pub(crate) use metrics::{BUCKETS, Route, STATUSES, Totals};
 
 const MAGIC: u64 = 0x6e6f_7465_7364_5342; // "notesdSB"
 const LAYOUT_VERSION: u32 = 2;
@@ -54,34 +54,7 @@ const OFF_H_FOLD_SEQ: usize = 32;
 const OFF_H_WRITE_GEN: usize = 40;
 const OFF_H_RETIRED: usize = 64;
 const BASE_SLOT: usize = 256;
-pub(crate) const SLOT_SIZE: usize = BASE_SLOT + METRICS_BYTES;
-
-/// Route labels for metrics (index = position).
-pub(crate) const ROUTES: &[&str] = &[
-    "/",
-    "/healthz",
-    "/readyz",
-    "/api/notes",
-    "/api/notes/{id}",
-    "/metrics",
-    "other",
-];
-/// Status codes counted individually; anything else lands in the last bucket.
-pub(crate) const STATUSES: &[u16] = &[
-    200, 201, 204, 400, 404, 405, 408, 411, 413, 415, 422, 431, 500, 503,
-];
-/// Latency histogram upper bounds (seconds); a final +Inf bucket follows.
-pub(crate) const BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
-const N_ROUTES: usize = 8;
-const N_STATUS: usize = 16;
-const N_BUCKETS: usize = 13;
-const M_REQUESTS: usize = 0;
-const M_HIST: usize = M_REQUESTS + N_ROUTES * N_STATUS;
-const M_SUM_US: usize = M_HIST + N_ROUTES * N_BUCKETS;
-const M_COUNTERS: usize = M_SUM_US + N_ROUTES;
-const METRICS_BYTES: usize = M_COUNTERS * 8;
+pub(crate) const SLOT_SIZE: usize = BASE_SLOT + metrics::METRICS_BYTES;
 
 const OFF_PID: usize = 0;
 const OFF_STATE: usize = 4;
@@ -261,62 +234,6 @@ impl Scoreboard {
         self.u64_at(OFF_H_RESTARTS).load(Ordering::Relaxed)
     }
 
-    /// All counters, summed over every slot (and the retired totals of a
-    /// board inherited from an older image). Each counter only grows, so a
-    /// later call never returns less than an earlier one, in any process.
-    pub fn totals(&self) -> Totals {
-        // Only an older image's master folds (see the module doc): wait out a
-        // fold in progress (microseconds) rather than return a partial sum;
-        // if that master froze mid-fold, a partial sum after 1,000 tries.
-        let mut tries = 0;
-        let counters = loop {
-            tries += 1;
-            let s1 = self.u32_at(OFF_H_FOLD_SEQ).load(Ordering::Acquire);
-            if !s1.is_multiple_of(2) && tries < 1000 {
-                std::thread::yield_now();
-                continue;
-            }
-            let counters = self.sum_counters();
-            std::sync::atomic::fence(Ordering::Acquire);
-            if self.u32_at(OFF_H_FOLD_SEQ).load(Ordering::Relaxed) == s1 || tries >= 1000 {
-                break counters;
-            }
-        };
-        let mut workers = [0u64; 4];
-        let mut in_flight = 0u64;
-        for slot in 0..self.slots {
-            let o = HEADER + slot as usize * SLOT_SIZE;
-            if self.u32_at(o + OFF_PID).load(Ordering::Relaxed) == 0 {
-                continue;
-            }
-            let phase = self.u32_at(o + OFF_STATE).load(Ordering::Relaxed) as usize;
-            workers[phase.min(3)] += 1;
-            in_flight += u64::from(self.u32_at(o + OFF_IN_FLIGHT).load(Ordering::Relaxed));
-        }
-        Totals {
-            counters,
-            workers_booting: workers[WorkerPhase::Booting as usize],
-            workers_serving: workers[WorkerPhase::Serving as usize],
-            workers_draining: workers[WorkerPhase::Draining as usize],
-            in_flight,
-            restarts: self.restarts(),
-        }
-    }
-
-    fn sum_counters(&self) -> Vec<u64> {
-        let mut counters = vec![0u64; M_COUNTERS];
-        for (i, c) in counters.iter_mut().enumerate() {
-            *c += self.u64_at(OFF_H_RETIRED + i * 8).load(Ordering::Relaxed);
-        }
-        for slot in 0..self.slots {
-            let o = HEADER + slot as usize * SLOT_SIZE;
-            for (i, c) in counters.iter_mut().enumerate() {
-                *c += self.u64_at(o + BASE_SLOT + i * 8).load(Ordering::Relaxed);
-            }
-        }
-        counters
-    }
-
     /// Master: record the pid of the worker just forked into `slot`.
     pub fn set_pid(&self, slot: u32, pid: u32) -> Result<(), ScoreboardError> {
         let o = self.slot_off(slot)?;
@@ -412,45 +329,6 @@ impl Drop for Scoreboard {
     }
 }
 
-/// Metric totals for `/metrics`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Totals {
-    counters: Vec<u64>,
-    pub workers_booting: u64,
-    pub workers_serving: u64,
-    pub workers_draining: u64,
-    pub in_flight: u64,
-    pub restarts: u64,
-}
-
-impl Totals {
-    /// Requests for route `r` whose status falls in bucket `s` (see [`STATUSES`]; the last is "other").
-    pub fn requests(&self, r: usize, s: usize) -> u64 {
-        self.counters[M_REQUESTS + r * N_STATUS + s]
-    }
-
-    /// Requests for route `r` in latency bucket `b` (not cumulative; `BUCKETS.len()` is +Inf).
-    pub fn bucket(&self, r: usize, b: usize) -> u64 {
-        self.counters[M_HIST + r * N_BUCKETS + b]
-    }
-
-    pub fn sum_seconds(&self, r: usize) -> f64 {
-        self.counters[M_SUM_US + r] as f64 / 1e6
-    }
-
-    pub const fn status_buckets() -> usize {
-        STATUSES.len() + 1
-    }
-}
-
-/// Index of a status in [`STATUSES`], or the "other" bucket.
-pub(crate) fn status_index(status: u16) -> usize {
-    STATUSES
-        .iter()
-        .position(|s| *s == status)
-        .unwrap_or(STATUSES.len())
-}
-
 /// The request a worker is busy with, as the master sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CurrentRequest {
@@ -493,24 +371,6 @@ impl Slot {
         self.board
             .u32_at(self.off + OFF_STATE)
             .store(phase as u32, Ordering::Relaxed);
-    }
-
-    /// Record a finished request in the metrics.
-    pub(crate) fn record(&self, route: usize, status: u16, elapsed: std::time::Duration) {
-        let base = self.off + BASE_SLOT;
-        let r = route.min(ROUTES.len() - 1);
-        let b = &self.board;
-        b.u64_at(base + (M_REQUESTS + r * N_STATUS + status_index(status)) * 8)
-            .fetch_add(1, Ordering::Relaxed);
-        let secs = elapsed.as_secs_f64();
-        let bucket = BUCKETS
-            .iter()
-            .position(|le| secs <= *le)
-            .unwrap_or(BUCKETS.len());
-        b.u64_at(base + (M_HIST + r * N_BUCKETS + bucket) * 8)
-            .fetch_add(1, Ordering::Relaxed);
-        b.u64_at(base + (M_SUM_US + r) * 8)
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn request_started(&self) {
@@ -626,40 +486,6 @@ mod tests {
         assert!(board.read(2).expect("read").current.is_none());
         assert!(board.read(4).is_err());
         assert!(board.fd().as_raw_fd() > 2);
-    }
-
-    #[test]
-    fn totals_survive_a_worker_leaving() {
-        let board = Arc::new(Scoreboard::create(2).expect("create"));
-        board.reset(0, 10, 1).expect("reset");
-        board.reset(1, 11, 1).expect("reset");
-        let a = Slot::new(board.clone(), 0).expect("slot");
-        let b = Slot::new(board.clone(), 1).expect("slot");
-        a.set_phase(WorkerPhase::Serving);
-        b.set_phase(WorkerPhase::Serving);
-        a.record(3, 200, std::time::Duration::from_millis(2));
-        b.record(3, 200, std::time::Duration::from_millis(3));
-        b.record(3, 999, std::time::Duration::from_secs(9));
-        b.request_started();
-        let t = board.totals();
-        assert_eq!(t.requests(3, status_index(200)), 2);
-        assert_eq!(t.requests(3, STATUSES.len()), 1);
-        assert_eq!(t.bucket(3, BUCKETS.len()), 1, "9 s lands in +Inf");
-        assert_eq!((t.workers_serving, t.in_flight), (2, 1));
-        board.release(1).expect("release");
-        board.reset(1, 12, 5).expect("new worker in the slot");
-        let t2 = board.totals();
-        assert_eq!(t2.requests(3, status_index(200)), 2, "retired counts kept");
-        let c = Slot::new(board.clone(), 1).expect("slot");
-        c.record(3, 200, std::time::Duration::from_millis(1));
-        assert_eq!(
-            board.totals().requests(3, status_index(200)),
-            3,
-            "the next worker in the slot counts on"
-        );
-        assert!((t2.sum_seconds(3) - 9.005).abs() < 1e-9);
-        assert_eq!(t2.workers_booting, 1);
-        assert_eq!(t2.in_flight, 0);
     }
 
     #[test]
