@@ -2,7 +2,7 @@
 """Turn one bench/run.sh output directory into the ratio table of issue 5.
 
 usage: report.py OUT_DIR CONNS IDLE_MASTER_CPU_PCT
-Reads OUT/{peer,notesd,notesd-keepalive}/table.txt (the peer harness' bench.sh tables),
+Reads OUT/{peer,notesd,notesd-keepalive}/table.txt (bench/peer/bench.sh tables),
 OUT/oha.txt and OUT/hup.txt; prints both sides and the ratios against the targets.
 """
 import os

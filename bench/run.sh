@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # notesd against the gunicorn peer: same machine, same nginx, same PostgreSQL, one invocation.
+# The peer (the tutorial's Flask notes app under gunicorn) and the harness are in bench/peer/.
 #
 #   bench/run.sh [SECONDS]          wrk duration per cell (default 10)
 #
 # Runs, in order (each step bounded, every server stopped on exit):
-#   1. release build; the peer's setup.sh (idempotent: apt packages, PostgreSQL, venv, 1000 notes)
+#   1. release build; bench/peer/setup.sh (idempotent: apt packages, PostgreSQL, venv, 1000 notes)
 #   2. a fresh PostgreSQL database for notesd (1000 notes), notesd started on a unix socket
-#   3. the peer's bench.sh against gunicorn            (tutorial nginx: no upstream keepalive)
-#   4. the peer's bench.sh against notesd              (the very same nginx config)
-#   5. the peer's bench.sh against notesd, with nginx upstream keepalive (conf/nginx/notesd.conf style)
+#   3. bench/peer/bench.sh against gunicorn            (tutorial nginx: no upstream keepalive)
+#   4. bench/peer/bench.sh against notesd              (the very same nginx config)
+#   5. bench/peer/bench.sh against notesd, with nginx upstream keepalive (conf/nginx/notesd.conf style)
 #   5b. the same nginx in front of bench/floor.c (the cheapest HTTP upstream there can be: one
 #       canned response per request head, no parsing): the proxy hop's own ceiling for GET /healthz
 #   6. oha --unix-socket straight at notesd (no nginx)
@@ -26,12 +27,17 @@
 #      MAX_CONNECTIONS=16 (per worker: enough concurrent INSERTs for PostgreSQL's group commit)
 #      LIST_CACHE_MS=250 (http.list_cache_ms of the main runs)
 #      SKIP_PEER=1 (reuse nothing, just skip the peer rows)  OUT=dir (default target/bench/<time>)
-# Needs the machine quiet: a concurrent cargo build halves every number (the peer's scripts
-# wait for an idle machine and print other% so a noisy run shows).
+# Needs the machine quiet: a concurrent cargo build halves every number (bench/peer/bench.sh
+# waits for an idle machine and prints other% so a noisy run shows).
+# Outside the repository it needs: root (apt-get, PostgreSQL), Debian/Ubuntu packages (setup.sh
+# installs nginx, wrk, curl, postgresql, python3-venv if missing), PyPI for the peer's venv,
+# crates.io for oha (optional), a C compiler for floor.c. Runtime files: /tmp/notesd-bench
+# (notesd), /tmp/notesd-peer (gunicorn, venv, nginx prefix).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-PEER="$(cd "$ROOT/../shared/peer" && pwd)"
+PEER="$HERE/peer"
+export PEER_RUN="${PEER_RUN:-/tmp/notesd-peer}"   # bench/peer/lib.sh: gunicorn socket, venv, nginx prefix
 DUR="${1:-10}"
 CONNS="${CONNS:-64}"
 REPEAT="${REPEAT:-1}"
@@ -54,15 +60,15 @@ cleanup() {
   [[ -n ${FLOOR_PID:-} ]] && kill "$FLOOR_PID" 2>/dev/null || true
   if [[ -s $RUN/notesd.pid ]]; then kill -TERM "$(cat "$RUN/notesd.pid")" 2>/dev/null || true; fi
   "$PEER/run_gunicorn.sh" stop >/dev/null 2>&1 || true
-  [[ -d ${KA_DIR:-} ]] && (source "$KA_DIR/lib.sh" && nginx_stop) >/dev/null 2>&1 || true
+  (source "$PEER/lib.sh" && nginx_stop) >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
 # ---- 1. build + peer setup ---------------------------------------------------------------
 log "release build"
 (cd "$ROOT" && cargo build --release --locked -q)
-command -v wrk >/dev/null || die "wrk missing (the peer's setup.sh installs it)"
 "$PEER/setup.sh" >&2
+command -v wrk >/dev/null || die "wrk missing (bench/peer/setup.sh should have installed it)"
 if ! command -v oha >/dev/null; then
   log "installing oha (cargo install, once)"
   cargo install oha --locked -q || log "WARNING: no oha; direct rows skipped"
@@ -73,7 +79,7 @@ fi
 cat > "$OUT/notesd.toml" <<EOF
 [server]
 bind = ["unix:$SOCK"]
-# nginx workers run as nobody here (the peer's nginx.conf has no user directive)
+# nginx workers run as nobody here (bench/peer/nginx.conf.in has no user directive)
 socket_mode = "0666"
 workers = $WORKERS
 pidfile = "$RUN/notesd.pid"
@@ -104,11 +110,11 @@ start_notesd() {  # [CONFIG]
 if [[ ${SKIP_PEER:-0} != 1 ]]; then
   log "peer: gunicorn + Flask"
   "$PEER/run_gunicorn.sh" restart >&2
-  OUT_DIR="$OUT/peer" CONNS="$CONNS" REPEAT="$REPEAT" LABEL=gunicorn-peer "$PEER/bench.sh" /tmp/peer/gunicorn.sock "$DUR" >&2
+  OUT_DIR="$OUT/peer" CONNS="$CONNS" REPEAT="$REPEAT" LABEL=gunicorn-peer "$PEER/bench.sh" "$PEER_RUN/gunicorn.sock" "$DUR" >&2
   "$PEER/run_gunicorn.sh" stop >&2
 fi
 
-# ---- 4. notesd through the peer's nginx ---------------------------------------------------
+# ---- 4. notesd through the same nginx -------------------------------------------------------
 start_notesd
 M=$(cat "$RUN/notesd.pid")
 log "notesd master $M: $("$NOTESD" status -c "$OUT/notesd.toml" --json | grep -c '"pid"') processes"
@@ -116,23 +122,11 @@ OUT_DIR="$OUT/notesd" CONNS="$CONNS" REPEAT="$REPEAT" RESET_DB=0 TARGET_PIDFILE=
   LABEL="notesd (tutorial nginx)" "$PEER/bench.sh" "$SOCK" "$DUR" >&2
 
 # ---- 5. notesd through nginx with upstream keepalive ------------------------------------------
-# A copy of the peer harness whose nginx template keeps upstream connections (as conf/nginx/notesd.conf).
-KA_DIR="$OUT/harness-keepalive"
-rm -rf "$KA_DIR"; cp -r "$PEER" "$KA_DIR"; chmod -R u+w "$KA_DIR"
-python3 - "$KA_DIR/nginx.conf.in" <<'PY'
-import sys
-p = sys.argv[1]
-s = open(p).read()
-s = s.replace("    server {\n        listen 127.0.0.1:@PROXY_PORT@;",
-              "    upstream target { server unix:@SOCK@; keepalive 64; keepalive_timeout 4s; }\n"
-              "    server {\n        listen 127.0.0.1:@PROXY_PORT@;", 1)
-s = s.replace("proxy_pass http://unix:@SOCK@;",
-              "proxy_pass http://target;\n            proxy_http_version 1.1;\n"
-              "            proxy_set_header Connection \"\";", 1)
-open(p, "w").write(s)
-PY
+# The same template with UPSTREAM_KEEPALIVE=1: an upstream block with keepalive 64, HTTP/1.1 and
+# Connection "" (as conf/nginx/notesd.conf). Steps 5b, 6b and 7 use this nginx too.
+UPSTREAM_KEEPALIVE=1   # read by lib.sh:nginx_start in the ( source "$PEER/lib.sh" ... ) subshells below
 OUT_DIR="$OUT/notesd-keepalive" CONNS="$CONNS" REPEAT="$REPEAT" RESET_DB=0 TARGET_PIDFILE="$RUN/notesd.pid" \
-  LABEL="notesd (nginx upstream keepalive)" "$KA_DIR/bench.sh" "$SOCK" "$DUR" >&2
+  UPSTREAM_KEEPALIVE=1 LABEL="notesd (nginx upstream keepalive)" "$PEER/bench.sh" "$SOCK" "$DUR" >&2
 
 # ---- 5b. the proxy hop with the cheapest possible upstream ---------------------------------------
 log "proxy ceiling: the same nginx in front of bench/floor.c"
@@ -141,7 +135,7 @@ cc -O2 -o "$UP/floor" "$HERE/floor.c"
 "$UP/floor" "$UP/floor.sock" > "$UP/floor.log" 2>&1 &
 FLOOR_PID=$!
 (
-  source "$KA_DIR/lib.sh"
+  source "$PEER/lib.sh"
   nginx_start "$UP/floor.sock" >&2
   run_wrk "$CONNS" "$DUR" "http://127.0.0.1:$NGINX_PROXY_PORT/healthz" > "$OUT/ceiling.proxy.txt" 2>&1 || true
   run_wrk "$CONNS" "$DUR" "http://127.0.0.1:$NGINX_STATIC_PORT/healthz" > "$OUT/ceiling.static.txt" 2>&1 || true
@@ -179,7 +173,7 @@ stop_notesd() {
 sed 's/^list_cache_ms = .*/list_cache_ms = 0/' "$OUT/notesd.toml" > "$OUT/notesd-nocache.toml"
 stop_notesd; start_notesd "$OUT/notesd-nocache.toml"; M=$(cat "$RUN/notesd.pid")
 (
-  source "$KA_DIR/lib.sh"
+  source "$PEER/lib.sh"
   nginx_start "$SOCK" >&2
   run_wrk "$CONNS" "$DUR" "http://127.0.0.1:$NGINX_PROXY_PORT/api/notes" > "$OUT/nocache.wrk.txt" 2>&1 || true
   nginx_stop >&2
@@ -192,7 +186,7 @@ stop_notesd; start_notesd; M=$(cat "$RUN/notesd.pid")
 # ---- 7. HUPs under load ---------------------------------------------------------------------
 log "reload test: $HUPS x HUP 1 s apart under load (nginx keepalive)"
 (
-  source "$KA_DIR/lib.sh"
+  source "$PEER/lib.sh"
   nginx_start "$SOCK" >&2
   URL="http://127.0.0.1:$NGINX_PROXY_PORT/api/notes"
   d=$((HUPS + 3))
