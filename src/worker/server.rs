@@ -318,14 +318,16 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let in_flight = InFlightGuard { shared, token };
     // A bad Host (RFC 9112 §3.2) is answered 400 and the connection closed.
     let host = http::host::check(req.version(), req.headers());
-    let close = host.is_err() || shared.draining.load(Ordering::Acquire);
+    let bad_host = host.is_err();
     let mut resp = match host {
         Ok(()) => route_within_timeout(shared, req).await,
         Err(e) => ApiError::BadRequest(e.to_string()).into_response(),
     };
     resp.headers_mut()
         .insert(X_REQUEST_ID.clone(), request_id.clone());
-    if close {
+    // Draining is read once the answer is ready: a request in flight when
+    // the worker was told to stop closes its connection too.
+    if bad_host || shared.draining.load(Ordering::Acquire) {
         resp.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
