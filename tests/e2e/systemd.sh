@@ -182,8 +182,14 @@ systemd-nspawn --boot --directory="$R" --machine="$MACHINE" --register=no --keep
     --private-network --bind-ro="$T/pgsock:/run/postgresql" --timezone=off --resolv-conf=off \
     </dev/null >"$T/nspawn.log" 2>&1 &
 NSPAWN_PID=$!
-for _ in $(seq 100); do
-    LEADER=$(pgrep -P "$NSPAWN_PID" | head -n1 || true)
+# The container's PID 1: the child of nspawn that runs systemd. (nspawn's
+# first child only sets the container up and exits; taking it instead made
+# every later nsenter fail, once, under load.)
+LEADER=
+for _ in $(seq 300); do
+    for pid in $(pgrep -P "$NSPAWN_PID" || true); do
+        [[ $(cat "/proc/$pid/comm" 2>/dev/null) == systemd ]] && LEADER=$pid
+    done
     [[ -n $LEADER ]] && break
     sleep 0.1
 done
