@@ -200,6 +200,31 @@ impl Farm {
     }
 
     /// Titles stored more than once: a POST nginx sent twice.
+    /// `notesd reload` on every host in turn, `pause` apart, under a GET+POST
+    /// load through nginx: not one request may fail, and every 201'd note is
+    /// there afterwards.
+    fn rolling_reload_under_load(&self, what: &str, pause: Duration) {
+        let load = MixedLoad::start(self.nginx.addr(), CONNECTIONS, what);
+        thread::sleep(Duration::from_millis(800));
+        for (i, host) in self.hosts.iter().enumerate() {
+            let t0 = Instant::now();
+            let out = host.run(&["reload"]);
+            assert_eq!(out.code, Some(0), "{what}, host {i}: {}", out.describe());
+            eprintln!("SCALE {what}: host {i} reloaded in {:?}", t0.elapsed());
+            thread::sleep(pause);
+        }
+        let report = load.stop();
+        eprintln!("SCALE {what}: {}", report.summary());
+        let failures = report.failures(|_| false);
+        assert!(
+            failures.is_empty(),
+            "{what}: {} request(s) failed during the rolling reload:\n{}",
+            failures.len(),
+            list(&failures, 20)
+        );
+        self.assert_all_acknowledged_present(what, &report);
+    }
+
     fn replayed_titles(&self) -> String {
         self.cluster.sql(
             "notesd",
@@ -277,25 +302,7 @@ fn a_rolling_reload_of_every_host_fails_no_request() {
     let Some(farm) = farm("scale_roll") else {
         return;
     };
-    let load = MixedLoad::start(farm.nginx.addr(), CONNECTIONS, "roll");
-    thread::sleep(Duration::from_millis(800));
-    for (i, host) in farm.hosts.iter().enumerate() {
-        let t0 = Instant::now();
-        let out = host.run(&["reload"]);
-        assert_eq!(out.code, Some(0), "host {i}: {}", out.describe());
-        eprintln!("SCALE roll: host {i} reloaded in {:?}", t0.elapsed());
-        thread::sleep(Duration::from_millis(700));
-    }
-    let report = load.stop();
-    eprintln!("SCALE roll: {}", report.summary());
-    let failures = report.failures(|_| false);
-    assert!(
-        failures.is_empty(),
-        "{} request(s) failed during the rolling reload:\n{}",
-        failures.len(),
-        list(&failures, 20)
-    );
-    farm.assert_all_acknowledged_present("roll", &report);
+    farm.rolling_reload_under_load("roll", Duration::from_millis(700));
 }
 
 // c -------------------------------------------------------------------------
@@ -469,23 +476,7 @@ fn pgbouncer_in_session_pooling_carries_a_rolling_reload_and_read_your_writes() 
     let Some(farm) = farm_with("scale_bouncer", Some("session")) else {
         return;
     };
-    let load = MixedLoad::start(farm.nginx.addr(), CONNECTIONS, "bouncer");
-    thread::sleep(Duration::from_millis(800));
-    for (i, host) in farm.hosts.iter().enumerate() {
-        let out = host.run(&["reload"]);
-        assert_eq!(out.code, Some(0), "host {i}: {}", out.describe());
-        thread::sleep(Duration::from_millis(500));
-    }
-    let report = load.stop();
-    eprintln!("SCALE pgbouncer (session): {}", report.summary());
-    let failures = report.failures(|_| false);
-    assert!(
-        failures.is_empty(),
-        "{} request(s) failed through PgBouncer:\n{}",
-        failures.len(),
-        list(&failures, 20)
-    );
-    farm.assert_all_acknowledged_present("pgbouncer", &report);
+    farm.rolling_reload_under_load("pgbouncer (session)", Duration::from_millis(500));
     let (done, misses) = pairs(farm.nginx.addr(), 0, 500);
     assert!(
         misses.is_empty(),
