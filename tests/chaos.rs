@@ -90,22 +90,14 @@ impl Scraper {
         let (flag, socket) = (stop.clone(), socket.to_path_buf());
         let handle = thread::spawn(move || {
             let (mut scrapes, mut backwards) = (0, Vec::new());
-            let mut last: std::collections::BTreeMap<String, f64> = Default::default();
+            let mut last = Metrics::default();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let resp = Client::connect(&socket).call("GET", "/metrics", &[], None);
                 if resp.status == 200 {
                     scrapes += 1;
-                    for (series, v) in Metrics::parse(&resp.body).samples {
-                        let name = series.split('{').next().unwrap_or("");
-                        let counter = ["_total", "_count", "_bucket", "_sum"]
-                            .iter()
-                            .any(|s| name.ends_with(s));
-                        let before = last.get(&series).copied().unwrap_or(0.0);
-                        if counter && v < before {
-                            backwards.push(format!("{series}: {before} → {v}"));
-                        }
-                        last.insert(series, v);
-                    }
+                    let now = Metrics::parse(&resp.body);
+                    backwards.extend(now.counters_below(&last));
+                    last = now;
                 }
                 thread::sleep(Duration::from_millis(10));
             }

@@ -325,20 +325,11 @@ fn serve_refuses_a_newer_schema(backend: Backend) {
 // Durability
 // ---------------------------------------------------------------------------
 
-/// Per-series check: no `notesd_http_requests_total` series went down.
+/// Per-series check: no counter series went down (`Metrics::counters_below`).
 #[track_caller]
 fn assert_not_backwards(before: &Metrics, after: &Metrics, what: &str) {
-    for (series, v) in &before.samples {
-        if series.starts_with("notesd_http_requests_total")
-            || series.starts_with("notesd_http_request_duration_seconds_count")
-        {
-            assert!(
-                after.get(series) >= *v,
-                "{what}: {series} went from {v} to {}",
-                after.get(series)
-            );
-        }
-    }
+    let backwards = after.counters_below(before);
+    assert!(backwards.is_empty(), "{what}: {backwards:?}");
     assert!(
         after.total_requests() > before.total_requests(),
         "{what}: total {} then {} (the first scrape itself counts)",

@@ -595,6 +595,24 @@ impl Metrics {
     pub fn total_requests(&self) -> f64 {
         self.sum("notesd_http_requests_total")
     }
+
+    /// Every counter series (`_total`, `_count`, `_bucket`, `_sum`) of
+    /// `before` that is lower here, as `series: before → now`. Prometheus
+    /// reads a counter that goes down as a reset.
+    pub fn counters_below(&self, before: &Metrics) -> Vec<String> {
+        before
+            .samples
+            .iter()
+            .filter(|(series, _)| {
+                let name = series.split('{').next().unwrap_or("");
+                ["_total", "_count", "_bucket", "_sum"]
+                    .iter()
+                    .any(|s| name.ends_with(s))
+            })
+            .filter(|(series, v)| self.get(series) < **v)
+            .map(|(series, v)| format!("{series}: {v} → {}", self.get(series)))
+            .collect()
+    }
 }
 
 // ---------------------------------------------------------------------------
