@@ -51,7 +51,7 @@ pub(crate) enum Command {
         /// Address to listen on, replacing server.bind (repeatable): unix:/path, 127.0.0.1:8000, [::1]:8000
         #[arg(short = 'b', long = "bind", value_name = "BIND")]
         bind: Vec<String>,
-        /// Number of workers (0 = 2 × cores + 1)
+        /// Number of workers (0 = one per core)
         #[arg(short = 'w', long = "workers", value_name = "N")]
         workers: Option<u32>,
         /// Database URL (overrides database.url, DATABASE_URL and NOTESD_DATABASE_URL)

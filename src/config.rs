@@ -456,7 +456,14 @@ impl Config {
         p.0
     }
 
-    /// Workers to run: `server.workers`, or 2 × cores + 1 when it is 0.
+    /// Workers to run: `server.workers`, or one per core when it is 0.
+    ///
+    /// A worker is an event loop that never blocks on a request (gunicorn's
+    /// 2 × cores + 1 is for sync workers, which do): more workers than cores
+    /// only add context switches, fewer leave a core idle. Measured on 2 cores,
+    /// connection-per-request through nginx: 5 workers lose about a fifth of
+    /// what 2 serve (docs/design.md §2, bench/README.md). "Cores" is what the
+    /// process may run on (affinity and cgroup quota, as nginx's `auto`).
     pub fn worker_count(&self) -> u32 {
         if self.server.workers > 0 {
             return self.server.workers;
@@ -464,7 +471,7 @@ impl Config {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get() as u32)
             .unwrap_or(1);
-        (2 * cores + 1).min(MAX_WORKERS)
+        cores.min(MAX_WORKERS)
     }
 
     /// The parsed binds (only call on a validated config).

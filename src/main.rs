@@ -308,8 +308,8 @@ fn print_status(st: &notesd::master::control::Status) {
         st.config
     );
     println!(
-        "{:>8} {:>4} {:>4} {:<9} {:>9} {:>9} {:>5} {:>10}  current request",
-        "pid", "slot", "gen", "state", "age", "requests", "conns", "heartbeat"
+        "{:>8} {:>4} {:>4} {:<9} {:>9} {:>9} {:>5} {:>9} {:>10}  current request",
+        "pid", "slot", "gen", "state", "age", "requests", "conns", "accepted", "heartbeat"
     );
     for w in &st.workers {
         let current = w
@@ -323,7 +323,7 @@ fn print_status(st: &notesd::master::control::Status) {
             })
             .unwrap_or_default();
         println!(
-            "{:>8} {:>4} {:>4} {:<9} {:>8.1}s {:>9} {:>5} {:>9.2}s  {}",
+            "{:>8} {:>4} {:>4} {:<9} {:>8.1}s {:>9} {:>5} {:>9} {:>9.2}s  {}",
             w.pid,
             w.slot,
             w.generation,
@@ -331,6 +331,7 @@ fn print_status(st: &notesd::master::control::Status) {
             w.age_s,
             w.requests,
             w.active_connections,
+            w.accepted,
             w.last_heartbeat_s,
             current
         );

@@ -921,3 +921,75 @@ fn healthcheck_exit_codes() {
     let out = server.run(&["healthcheck"]);
     assert_eq!(out.code, Some(1), "stopped server: {}", out.describe());
 }
+
+// Accept path -----------------------------------------------------------------
+
+/// The connections each worker has accepted, by pid.
+fn accepted(status: &Value) -> std::collections::BTreeMap<i32, u64> {
+    workers(status)
+        .iter()
+        .map(|w| (worker_pid(w), w["accepted"].as_u64().unwrap_or(0)))
+        .collect()
+}
+
+/// A connection wakes one idle worker, idle workers take connections in
+/// turn, and a worker whose thread is busy takes none (src/worker/acceptor.rs).
+#[test]
+fn idle_workers_take_connections_in_turn_and_a_busy_one_takes_none() {
+    let server = TestServer::start(
+        "accept_turns",
+        TestOptions {
+            workers: 3,
+            ..opts()
+        },
+    );
+    let socket = server.socket_path().to_path_buf();
+    let blocker = thread::spawn(move || {
+        HttpConn::connect_with_timeout(&socket, Duration::from_secs(15))
+            .and_then(|mut c| c.request("GET", "/debug/block?ms=4000", &[]))
+    });
+    let s = server.wait_for("a worker blocked", secs(3.0), |s| {
+        workers(s)
+            .iter()
+            .any(|w| w["current_request"]["path"] == "/debug/block")
+    });
+    let blocked = workers(&s)
+        .iter()
+        .find(|w| w["current_request"]["path"] == "/debug/block")
+        .map(worker_pid)
+        .expect("the blocked worker");
+    let before = accepted(&s);
+    const N: u64 = 60;
+    let t0 = Instant::now();
+    for _ in 0..N {
+        assert_eq!(server.get("/healthz").status, 200);
+    }
+    assert!(
+        t0.elapsed() < secs(3.5),
+        "60 requests took {:?}",
+        t0.elapsed()
+    );
+    let after = accepted(&server.status());
+    let took: Vec<(i32, u64)> = after
+        .iter()
+        .map(|(pid, n)| (*pid, n - before.get(pid).copied().unwrap_or(0)))
+        .collect();
+    let total: u64 = took.iter().map(|(_, n)| n).sum();
+    // The status requests themselves go to the control socket, not here.
+    assert_eq!(total, N, "every connection accepted once: {took:?}");
+    for (pid, n) in &took {
+        if *pid == blocked {
+            assert_eq!(*n, 0, "the blocked worker {pid} took connections: {took:?}");
+        } else {
+            assert!(*n >= N / 4, "worker {pid} took {n} of {N}: {took:?}");
+        }
+    }
+    let r = blocker
+        .join()
+        .expect("blocker thread")
+        .expect("blocked request");
+    assert_eq!(r.status, 200);
+    // The text status has the column too.
+    let text = server.run(&["status"]);
+    assert!(text.stdout.contains("accepted"), "{}", text.stdout);
+}

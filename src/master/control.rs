@@ -64,6 +64,11 @@ pub struct WorkerStatus {
     pub age_s: f64,
     pub requests: u64,
     pub active_connections: u32,
+    /// Connections this worker has accepted since it started (wraps at 2³²);
+    /// under load the workers' counts should be close (the accept thread
+    /// hands connections out in turn). Absent from an older master's answer.
+    #[serde(default)]
+    pub accepted: u32,
     pub last_heartbeat_s: f64,
     pub current_request: Option<RequestStatus>,
 }
@@ -447,10 +452,11 @@ pub fn status(state: &State, board: &Scoreboard, now: Duration) -> Status {
         .workers()
         .map(|w| {
             let slot = board.read(w.slot).ok().filter(|s| s.pid == w.pid as u32);
-            let (requests, conns, beat, current) = match slot {
+            let (requests, conns, accepted, beat, current) = match slot {
                 Some(s) => (
                     s.requests,
                     s.active_connections,
+                    s.accepted,
                     Duration::from_nanos(now_ns.saturating_sub(s.heartbeat_ns)),
                     s.current.map(|c| RequestStatus {
                         elapsed_ms: now_ns.saturating_sub(c.started_ns) / 1_000_000,
@@ -459,7 +465,7 @@ pub fn status(state: &State, board: &Scoreboard, now: Duration) -> Status {
                         request_id: c.request_id,
                     }),
                 ),
-                None => (0, 0, Duration::ZERO, None),
+                None => (0, 0, 0, Duration::ZERO, None),
             };
             WorkerStatus {
                 pid: w.pid,
@@ -469,6 +475,7 @@ pub fn status(state: &State, board: &Scoreboard, now: Duration) -> Status {
                 age_s: secs(now.saturating_sub(w.spawned_at)),
                 requests,
                 active_connections: conns,
+                accepted,
                 last_heartbeat_s: secs(beat),
                 current_request: current,
             }

@@ -24,6 +24,7 @@
 //! | 64 | request id (64 bytes) |
 //! | 128 | path (120 bytes, truncated) |
 //! | 248 | requests in flight (u32) |
+//! | 252 | connections accepted by this worker (u32, wraps) |
 //! | 256 | metrics: request counters by route × status, latency histogram by route ([`metrics`]) |
 //!
 //! This module is the slot protocol (who writes what, the seqlock around the
@@ -71,6 +72,8 @@ const LEN_REQ_ID: usize = 64;
 const OFF_PATH: usize = 128;
 const LEN_PATH: usize = 120;
 const OFF_IN_FLIGHT: usize = 248;
+/// Added within layout 2 (the word was padding): an older worker leaves it 0.
+const OFF_ACCEPTED: usize = 252;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScoreboardError {
@@ -283,6 +286,7 @@ impl Scoreboard {
             heartbeat_ns: self.u64_at(o + OFF_HEARTBEAT).load(Ordering::Relaxed),
             requests: self.u64_at(o + OFF_REQUESTS).load(Ordering::Relaxed),
             active_connections: self.u32_at(o + OFF_CONNS).load(Ordering::Relaxed),
+            accepted: self.u32_at(o + OFF_ACCEPTED).load(Ordering::Relaxed),
             current,
         })
     }
@@ -345,6 +349,8 @@ pub struct SlotSnapshot {
     pub heartbeat_ns: u64,
     pub requests: u64,
     pub active_connections: u32,
+    /// Connections this worker has accepted (wraps at 2³²; see the accept thread).
+    pub accepted: u32,
     pub current: Option<CurrentRequest>,
 }
 
@@ -401,6 +407,13 @@ impl Slot {
     pub(crate) fn connection_opened(&self) {
         self.board
             .u32_at(self.off + OFF_CONNS)
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The accept thread handed this worker a connection.
+    pub(crate) fn connection_accepted(&self) {
+        self.board
+            .u32_at(self.off + OFF_ACCEPTED)
             .fetch_add(1, Ordering::Relaxed);
     }
 

@@ -6,6 +6,7 @@
 //! A handler that blocks the runtime also stops the heartbeat, which is
 //! exactly what the master's `timeout` catches.
 
+pub(crate) mod acceptor;
 pub(crate) mod lifecycle;
 pub(crate) mod server;
 
@@ -20,6 +21,7 @@ use crate::config::Config;
 use crate::ipc::{self, Boot, ToMaster};
 use crate::scoreboard::{Scoreboard, Slot, WorkerPhase};
 use crate::store::{Purpose, Store};
+use acceptor::{Acceptor, AcceptorError};
 use lifecycle::{Lifecycle, Stop};
 
 #[derive(Debug, thiserror::Error)]
@@ -180,8 +182,13 @@ pub fn run() -> i32 {
         generation = inherited.generation
     );
     let _entered = span.enter();
+    // The worker's thread sleeps in the accept epoll (see `acceptor`), which
+    // watches the runtime's own epoll: found by what building the runtime added.
+    let accept = Arc::new(Acceptor::default());
+    let epolls_before = acceptor::epoll_fds().unwrap_or_default();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(acceptor::hook(accept.clone()))
         .build()
     {
         Ok(rt) => rt,
@@ -190,12 +197,18 @@ pub fn run() -> i32 {
             return ipc::EXIT_BOOT_FAILED;
         }
     };
-    let code = runtime.block_on(serve(config, inherited));
+    let runtime_epoll = acceptor::runtime_epoll(&epolls_before);
+    let code = runtime.block_on(serve(config, inherited, accept, runtime_epoll));
     runtime.shutdown_timeout(Duration::from_millis(100));
     code
 }
 
-async fn serve(config: Arc<Config>, inherited: Inherited) -> i32 {
+async fn serve(
+    config: Arc<Config>,
+    inherited: Inherited,
+    accept: Arc<Acceptor>,
+    runtime_epoll: Result<RawFd, AcceptorError>,
+) -> i32 {
     let Inherited {
         channel,
         board,
@@ -248,8 +261,14 @@ async fn serve(config: Arc<Config>, inherited: Inherited) -> i32 {
             return ipc::EXIT_OK;
         }
     };
-    let listeners = match server::adopt_listeners(listeners) {
-        Ok(l) => l,
+    let started = runtime_epoll.and_then(|epoll| {
+        // SAFETY: the runtime's epoll stays open while the runtime (which
+        // runs this very future) lives.
+        let epoll = unsafe { BorrowedFd::borrow_raw(epoll) };
+        server::adopt_listeners(listeners, &accept, epoll)
+    });
+    match started {
+        Ok(()) => {}
         Err(e) => {
             let error = format!("cannot use the inherited listeners: {e}");
             channel.send(&ToMaster::BootFailed {
@@ -267,7 +286,7 @@ async fn serve(config: Arc<Config>, inherited: Inherited) -> i32 {
     ));
     slot.set_phase(WorkerPhase::Serving);
     shared.channel.send(&ToMaster::Ready);
-    let why = server::run(shared.clone(), listeners, life.clone()).await;
+    let why = server::run(shared.clone(), accept, life.clone()).await;
     store.close_bounded().await;
     tracing::debug!(?why, "worker exiting");
     ipc::EXIT_OK

@@ -6,7 +6,7 @@
 //! The worker exits when the last connection is gone, or at `graceful_timeout`.
 
 use std::convert::Infallible;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Notify;
 
 use super::Channel;
+use super::acceptor::{Acceptor, AcceptorError};
 use super::lifecycle::{Lifecycle, Stop};
 use crate::clock;
 use crate::config::Config;
@@ -155,29 +156,25 @@ fn jitter(pid: u32, jitter: u64) -> u64 {
     x % (jitter + 1)
 }
 
-pub(crate) enum Listener {
-    Unix(tokio::net::UnixListener),
-    Tcp(tokio::net::TcpListener),
-}
-
-pub(crate) fn adopt_listeners(fds: Vec<(bool, OwnedFd)>) -> std::io::Result<Vec<Listener>> {
-    fds.into_iter()
-        .map(|(unix, fd)| {
-            if unix {
-                let l = std::os::unix::net::UnixListener::from(fd);
-                l.set_nonblocking(true)?;
-                Ok(Listener::Unix(tokio::net::UnixListener::from_std(l)?))
-            } else {
-                let l = std::net::TcpListener::from(fd);
-                l.set_nonblocking(true)?;
-                Ok(Listener::Tcp(tokio::net::TcpListener::from_std(l)?))
-            }
-        })
-        .collect()
+/// The inherited listeners, made non-blocking and handed to the accept
+/// thread (see [`super::acceptor`]); connections arrive on the receiver.
+pub(crate) fn adopt_listeners(
+    fds: Vec<(bool, OwnedFd)>,
+    acceptor: &Acceptor,
+    runtime_epoll: BorrowedFd<'_>,
+) -> Result<(), AcceptorError> {
+    for (_, fd) in &fds {
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(AcceptorError::Epoll)?;
+    }
+    acceptor.start(runtime_epoll, fds)
 }
 
 /// Serve until told to stop; returns why.
-pub(crate) async fn run(shared: Arc<Shared>, listeners: Vec<Listener>, life: Lifecycle) -> Stop {
+pub(crate) async fn run(shared: Arc<Shared>, acceptor: Arc<Acceptor>, life: Lifecycle) -> Stop {
     let mut builder = http1::Builder::new();
     let keepalive = shared.config.server.keepalive;
     builder
@@ -193,17 +190,16 @@ pub(crate) async fn run(shared: Arc<Shared>, listeners: Vec<Listener>, life: Lif
         .max_header_size(shared.config.http.max_header_bytes as usize)
         .max_buf_size((shared.config.http.max_header_bytes as usize).max(8192) + 8192);
     let builder = Arc::new(builder);
-    let mut accepts = tokio::task::JoinSet::new();
-    for l in listeners {
-        accepts.spawn(accept_loop(l, shared.clone(), builder.clone()));
-    }
+    let accepting = tokio::spawn(serve_accepted(acceptor.clone(), shared.clone(), builder));
     let why = life.stopped().await;
-    accepts.abort_all();
+    acceptor.stop();
     shared.draining.store(true, Ordering::Release);
     shared.slot.set_phase(WorkerPhase::Draining);
     if why == Stop::Now {
         return why;
     }
+    // Every connection this worker took is served (with `Connection: close`).
+    let _ = accepting.await;
     let grace = shared.config.graceful_timeout();
     let open = shared.connections.load(Ordering::Acquire);
     tracing::info!("draining ({why:?}) with {open} connection(s) open");
@@ -228,34 +224,28 @@ pub(crate) async fn run(shared: Arc<Shared>, listeners: Vec<Listener>, life: Lif
     why
 }
 
-async fn accept_loop(l: Listener, shared: Arc<Shared>, builder: Arc<http1::Builder>) {
-    loop {
-        let accepted = match &l {
-            Listener::Unix(u) => u.accept().await.map(|(s, _)| Conn::Unix(s)),
-            Listener::Tcp(t) => t.accept().await.map(|(s, _)| {
-                let _ = s.set_nodelay(true);
-                Conn::Tcp(s)
-            }),
+/// Serve what the accept path hands over until it stops (see [`super::acceptor`]).
+async fn serve_accepted(
+    acceptor: Arc<Acceptor>,
+    shared: Arc<Shared>,
+    builder: Arc<http1::Builder>,
+) {
+    while let Some(a) = acceptor.next().await {
+        shared.slot.connection_accepted();
+        let served = if a.unix {
+            let s = std::os::unix::net::UnixStream::from(a.fd);
+            tokio::net::UnixStream::from_std(s)
+                .map(|s| spawn_conn(TokioIo::new(s), &shared, &builder))
+        } else {
+            let s = std::net::TcpStream::from(a.fd);
+            let _ = s.set_nodelay(true);
+            tokio::net::TcpStream::from_std(s)
+                .map(|s| spawn_conn(TokioIo::new(s), &shared, &builder))
         };
-        match accepted {
-            Ok(Conn::Unix(s)) => spawn_conn(TokioIo::new(s), &shared, &builder),
-            Ok(Conn::Tcp(s)) => spawn_conn(TokioIo::new(s), &shared, &builder),
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                static ACCEPT_FAILED: crate::log::Throttle = crate::log::Throttle::new();
-                if let Some(skipped) = ACCEPT_FAILED.admit(clock::now()) {
-                    let note = crate::log::skipped_note(skipped);
-                    tracing::warn!("accept failed: {e}{note}");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        if let Err(e) = served {
+            tracing::warn!("cannot register an accepted connection: {e}");
         }
     }
-}
-
-enum Conn {
-    Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream),
 }
 
 fn spawn_conn<I>(io: I, shared: &Arc<Shared>, builder: &Arc<http1::Builder>)
