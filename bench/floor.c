@@ -13,6 +13,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -29,6 +30,9 @@ static const char RESP[] =
     "{\"ok\":true}";
 
 int main(int argc, char **argv) {
+    /* A write to a connection nginx has closed must not kill the ceiling
+     * mid-run (SIGPIPE's default): the write fails, the close follows. */
+    signal(SIGPIPE, SIG_IGN);
     if (argc != 2 || strlen(argv[1]) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
         fprintf(stderr, "usage: floor SOCKET_PATH\n");
         return 2;

@@ -16,7 +16,9 @@
 #   6b. GET /api/notes again with the list cache off (http.list_cache_ms = 0), both ways
 #   7. HUPS reloads 1 s apart under load, against a same-length baseline
 #   8. idle master CPU over 20 s (schedstat)
-# and prints one table of ratios (notesd / peer) with the targets of issue 5.
+#   9. bench/limits.sh: performance at the limit (the accept path at 1, 2 and the default number
+#      of workers against the hop's ceiling, the axum peer, pgbench, 4,000 connections)
+# and prints one table of ratios (notesd / peer) with the targets of issue 5, then limits.sh's.
 #
 # env: CONNS=64  REPEAT=1  HUPS=20
 #      WORKERS=1 (notesd workers. Each is an event loop, so it needs no more for concurrency, and
@@ -27,6 +29,7 @@
 #      MAX_CONNECTIONS=16 (per worker: enough concurrent INSERTs for PostgreSQL's group commit)
 #      LIST_CACHE_MS=250 (http.list_cache_ms of the main runs)
 #      SKIP_PEER=1 (reuse nothing, just skip the peer rows)  OUT=dir (default target/bench/<time>)
+#      ONLY_LIMITS=1 (steps 1, 2 and 9 only)  SKIP_LIMITS=1 (no step 9); limits.sh's own knobs pass through
 # Needs the machine quiet: a concurrent cargo build halves every number (bench/peer/bench.sh
 # waits for an idle machine and prints other% so a noisy run shows).
 # Outside the repository it needs: root (apt-get, PostgreSQL), Debian/Ubuntu packages (setup.sh
@@ -106,6 +109,7 @@ start_notesd() {  # [CONFIG]
   die "notesd did not come up (see $OUT/notesd.log)"
 }
 
+if [[ ${ONLY_LIMITS:-0} != 1 ]]; then
 # ---- 3. peer ------------------------------------------------------------------------------
 if [[ ${SKIP_PEER:-0} != 1 ]]; then
   log "peer: gunicorn + Flask"
@@ -213,4 +217,13 @@ idle_pct=$(awk -v d=$((t1 - t0)) 'BEGIN{printf "%.3f", 100 * d / 20e9}')
 
 # ---- the table --------------------------------------------------------------------------------
 python3 "$HERE/report.py" "$OUT" "$CONNS" "$idle_pct" | tee "$OUT/summary.txt"
+stop_notesd
+fi
+
+# ---- 9. performance at the limit ------------------------------------------------------------------
+if [[ ${SKIP_LIMITS:-0} != 1 ]]; then
+  log "performance at the limit: bench/limits.sh"
+  CONNS="$CONNS" "$HERE/limits.sh" "$OUT" "$DUR" >&2
+  cat "$OUT/limits/summary.txt"
+fi
 log "everything in $OUT"

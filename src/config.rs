@@ -73,7 +73,11 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: "postgres:///notesd?host=/run/postgresql&user=notesd".into(),
-            max_connections: 4,
+            // 8 per worker, one worker per core: the same 8 per core as the
+            // earlier 4 × (2 × cores + 1), in fewer pools; enough concurrent
+            // INSERTs for PostgreSQL's group commit (POST on 2 cores: 4 → 8
+            // per worker, 9.1–10.9k → 13.0–13.9k req/s; docs/design.md §2).
+            max_connections: 8,
             migrate_on_start: false,
         }
     }

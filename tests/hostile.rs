@@ -407,7 +407,7 @@ fn fds_per_db_connection(backend: Backend) -> usize {
 }
 
 /// `database.max_connections` (the default).
-const POOL: usize = 4;
+const POOL: usize = 8;
 
 /// Opens pool connections in every worker: concurrent slow-ish DB requests
 /// over several connections.

@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# bench/limits.sh OUT DUR: the rows of "performance at the limit", run by bench/run.sh (step 9)
+# after it has built notesd and seeded the database notesd_bench; results in OUT/limits/.
+#
+#   A. the accept path: connection-per-request GET /healthz through the tutorial nginx (and
+#      with upstream keepalive) at 1, 2 and the default number of workers, against the same
+#      nginx in front of bench/floor.c (the hop's ceiling), measured before and after the
+#      sweep; the connections each worker accepted (`notesd status --json`, .accepted).
+#   B. the same rows against bench/axum (one axum process, tokio multi-thread, sqlx pool).
+#   C. the database path: pgbench -M prepared with notesd's own list and insert statements,
+#      then notesd (default workers, list cache off) straight over TCP with wrk.
+#   D. POST /api/notes under 4,000 connections, straight over TCP: req/s, p99, errors.
+#
+# env: CONNS=64 (A-C)  ROUNDS=2 (A)  PGBENCH_CLIENTS=16  BIG_CONNS=4000  SKIP_AXUM=1
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+PEER="$HERE/peer"
+source "$PEER/lib.sh"
+OUT="$1/limits"; DUR="$2"
+CONNS="${CONNS:-64}"
+PGBENCH_CLIENTS="${PGBENCH_CLIENTS:-16}"
+BIG_CONNS="${BIG_CONNS:-4000}"
+NOTESD="$ROOT/target/release/notesd"
+RUN=/tmp/notesd-bench-limits
+SOCK="$RUN/notesd.sock"
+TCP="127.0.0.1:18095"
+DB=notesd_bench
+DB_URL="postgres://postgres@127.0.0.1:5432/$DB"
+mkdir -p "$OUT" "$RUN"
+# 4,000 client sockets for wrk, as many again inside notesd: raise the soft limit to the hard one
+ulimit -n "$(ulimit -Hn)"
+(( $(ulimit -n) > BIG_CONNS + 256 )) || die "open files limit $(ulimit -n) is too low for BIG_CONNS=$BIG_CONNS"
+
+stop_all() {
+  [[ -n ${FLOOR_PID:-} ]] && kill "$FLOOR_PID" 2>/dev/null || true
+  stop_notesd
+  nginx_stop >/dev/null 2>&1 || true
+  [[ ${SKIP_AXUM:-0} == 1 ]] || "$HERE/axum/run.sh" stop >/dev/null 2>&1 || true
+}
+trap stop_all EXIT
+
+# config NAME WORKERS CACHE_MS: a notesd config on the unix socket and TCP (no `workers` line
+# for WORKERS=default: the built-in default is what is measured)
+config() {
+  local f="$OUT/$1.toml" w=""
+  [[ $2 == default ]] || w="workers = $2"
+  cat > "$f" <<EOF
+[server]
+bind = ["unix:$SOCK", "$TCP"]
+socket_mode = "0666"
+$w
+pidfile = "$RUN/notesd.pid"
+control_socket = "$RUN/control.sock"
+timeout = 30
+[database]
+url = "$DB_URL"
+[http]
+list_cache_ms = $3
+[log]
+access_log = false
+EOF
+  echo "$f"
+}
+
+start_notesd() {  # CONFIG
+  rm -f "$RUN/notesd.pid"
+  "$NOTESD" serve -c "$1" >> "$OUT/notesd.log" 2>&1 &
+  for _ in $(seq 1 100); do
+    [[ -s $RUN/notesd.pid ]] && "$NOTESD" status -c "$1" --json 2>/dev/null \
+      | python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if sum(w["state"]=="ready" for w in s["workers"])==s["target_workers"] else 1)' \
+      && { CONFIG=$1; return 0; }
+    sleep 0.1
+  done
+  die "notesd did not come up (see $OUT/notesd.log)"
+}
+stop_notesd() {
+  local m; m=$(live_pid "$RUN/notesd.pid") || return 0
+  kill -TERM "$m"; stop_wait "$m" 10 || die "notesd $m did not stop"
+}
+# accepted: the workers' accepted counts, one line "pid=n ..."
+accepted() {
+  "$NOTESD" status -c "$CONFIG" --json | python3 -c 'import json,sys
+print(" ".join("%d=%d" % (w["pid"], w.get("accepted", 0)) for w in json.load(sys.stdin)["workers"]))'
+}
+# cell FILE CONNS URL [get|post]: an unrecorded 2 s warm-up, then one recorded wrk run
+cell() {
+  run_wrk "$2" 2 "$3" "${4:-get}" >/dev/null 2>&1 || true
+  run_wrk "$2" "$DUR" "$3" "${4:-get}" > "$OUT/$1" 2>&1 || true
+  log "$1: $(grep '^PEERSTATS' "$OUT/$1" || echo 'no result')"
+}
+# through FILE URL_PATH [get|post] [KEEPALIVE]: wrk through our nginx to $TARGET_SOCK
+through() {
+  UPSTREAM_KEEPALIVE=${4:-0} nginx_start "$TARGET_SOCK" >/dev/null 2>&1
+  cell "$1" "$CONNS" "http://127.0.0.1:$NGINX_PROXY_PORT$2" "${3:-get}"
+  nginx_stop >/dev/null 2>&1
+}
+
+# ---- A. the accept path -------------------------------------------------------------------------
+ceiling() {  # SUFFIX
+  cc -O2 -o "$RUN/floor" "$HERE/floor.c"
+  rm -f "$RUN/floor.sock"
+  "$RUN/floor" "$RUN/floor.sock" > "$OUT/floor.log" 2>&1 &
+  FLOOR_PID=$!
+  for _ in $(seq 1 50); do [[ -S $RUN/floor.sock ]] && break; sleep 0.1; done
+  chmod 0666 "$RUN/floor.sock"
+  TARGET_SOCK="$RUN/floor.sock"
+  through "floor.tutorial.$1.txt" /healthz get 0
+  [[ ${2:-} == tutorial ]] || through "floor.keepalive.$1.txt" /healthz get 1
+  kill -0 "$FLOOR_PID" 2>/dev/null || die "floor.c died during the run (see $OUT/floor.log)"
+  kill "$FLOOR_PID"; FLOOR_PID=
+}
+# The connection-per-request rows in ROUNDS (2) interleaved rounds (ceiling, 1, 2, default, ...;
+# the report takes each row's best round: on a shared machine interference only slows a run);
+# the keepalive rows once, with the ceiling before and after.
+log "A. accept path: the hop's ceiling (floor.c), then notesd at 1, 2 and default workers"
+ceiling before
+for r in $(seq 1 "${ROUNDS:-2}"); do
+  if ((r > 1)); then ceiling "r$r" tutorial; fi
+  TARGET_SOCK="$SOCK"
+  for w in 1 2 default; do
+    start_notesd "$(config "workers-$w" "$w" 250)"
+    accepted > "$OUT/accepted.$w.r$r.before"
+    through "notesd.$w.tutorial.r$r.txt" /healthz get 0
+    accepted > "$OUT/accepted.$w.r$r.after"
+    if ((r == 1)); then through "notesd.$w.keepalive.txt" /healthz get 1; fi
+    "$NOTESD" status -c "$CONFIG" --json > "$OUT/status.$w.json"
+    stop_notesd
+  done
+done
+ceiling after
+
+# ---- B. one axum process --------------------------------------------------------------------------
+if [[ ${SKIP_AXUM:-0} != 1 ]]; then
+  log "B. bench/axum: the same rows, and the database routes, one axum process"
+  AXUM_PEER_DATABASE_URL="$DB_URL" "$HERE/axum/run.sh" start >&2
+  TARGET_SOCK=/tmp/notesd-axum/axum.sock
+  through axum.healthz.tutorial.txt /healthz get 0
+  through axum.healthz.keepalive.txt /healthz get 1
+  through axum.list.keepalive.txt /api/notes get 1
+  through axum.post.keepalive.txt /api/notes post 1
+  "$HERE/axum/run.sh" stop >&2
+  # notesd's database routes the same way (default workers, its default list cache, and off)
+  TARGET_SOCK="$SOCK"
+  start_notesd "$(config db-default default 250)"
+  through notesd.list.keepalive.txt /api/notes get 1
+  through notesd.post.keepalive.txt /api/notes post 1
+  stop_notesd
+fi
+
+# ---- C. the database path against pgbench -------------------------------------------------------
+log "C. database path: pgbench with notesd's statements, then notesd uncached over TCP"
+# notesd's statements (src/store/notes.rs), parameterised as notesd sends them: the list takes
+# one more row than it returns (51: is there a next page?)
+printf '%s\n' '\set lim 51' \
+  'SELECT id, title, body, created_at, updated_at FROM notes ORDER BY created_at DESC, id DESC LIMIT :lim;' \
+  > "$RUN/list.sql"
+echo "INSERT INTO notes (title, body) VALUES ('bench note', 'posted by pgbench') RETURNING id;" > "$RUN/insert.sql"
+pgb() {  # NAME SQLFILE
+  timeout $((DUR + 30)) pgbench -h 127.0.0.1 -U postgres -n -M prepared -c "$PGBENCH_CLIENTS" -j 2 \
+    -T "$DUR" -f "$2" "$DB" > "$OUT/pgbench.$1.txt" 2>&1 || true
+  log "pgbench $1: $(grep -E '^tps' "$OUT/pgbench.$1.txt" | head -1)"
+}
+pgb list "$RUN/list.sql"
+pgb insert "$RUN/insert.sql"
+start_notesd "$(config db-nocache default 0)"
+cell notesd.list.tcp.txt "$CONNS" "http://$TCP/api/notes"
+cell notesd.post.tcp.txt "$CONNS" "http://$TCP/api/notes" post
+
+# ---- D. 4,000 connections ---------------------------------------------------------------------------
+log "D. POST /api/notes with $BIG_CONNS connections, straight over TCP"
+cell notesd.post.big.txt "$BIG_CONNS" "http://$TCP/api/notes" post
+stop_notesd
+echo "cores=$(nproc) conns=$CONNS pgbench_clients=$PGBENCH_CLIENTS big_conns=$BIG_CONNS" > "$OUT/params"
+python3 "$HERE/limits_report.py" "$OUT" | tee "$OUT/summary.txt"

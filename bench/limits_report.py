@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""The table of bench/limits.sh: every row as a ratio to its reference in the same run.
+
+usage: limits_report.py DIR   (DIR = <run>/limits, as written by bench/limits.sh)
+"""
+import json
+import os
+import sys
+
+D = sys.argv[1]
+
+
+def stats(name):
+    """The PEERSTATS fields of one wrk run, or None."""
+    try:
+        with open(os.path.join(D, name)) as f:
+            for line in f:
+                if line.startswith("PEERSTATS"):
+                    return {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
+    except OSError:
+        pass
+    return None
+
+
+def rps(name):
+    s = stats(name)
+    return s["rps"] if s else None
+
+
+def errors(s):
+    return int(s["non2xx"] + s["connect"] + s["read"] + s["write"] + s["timeout"])
+
+
+def best(prefix):
+    """The best req/s of the runs named PREFIX*.txt (interleaved rounds), and their count."""
+    xs = [rps(f) for f in sorted(os.listdir(D)) if f.startswith(prefix) and f.endswith(".txt")]
+    xs = [x for x in xs if x]
+    return (max(xs) if xs else None), len(xs)
+
+
+def tps(name):
+    try:
+        with open(os.path.join(D, name)) as f:
+            for line in f:
+                if line.startswith("tps"):
+                    return float(line.split()[2])
+    except OSError:
+        pass
+    return None
+
+
+def mean(xs):
+    xs = [x for x in xs if x]
+    return sum(xs) / len(xs) if xs else None
+
+
+def accepted(w):
+    """Per-worker connections accepted during round 1's tutorial run: (deltas, worst deviation %)."""
+    def read(when):
+        try:
+            with open(os.path.join(D, f"accepted.{w}.r1.{when}")) as f:
+                return dict(kv.split("=") for kv in f.read().split())
+        except OSError:
+            return {}
+    a, b = read("before"), read("after")
+    deltas = [(int(b[p]) - int(a.get(p, 0))) % 2**32 for p in b]
+    if not deltas or sum(deltas) == 0:
+        return deltas, None
+    m = sum(deltas) / len(deltas)
+    return deltas, max(abs(d - m) for d in deltas) / m * 100
+
+
+def fmt(x, pat="{:,.0f}"):
+    return "–" if x is None else pat.format(x)
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+rows = []  # (row, value, reference, ratio, target, met)
+
+
+def row(name, value, ref, r, target, ok):
+    verdict = "–" if ok is None else ("met" if ok else "**missed**")
+    rows.append((name, value, ref, r, target, verdict))
+
+
+def main():
+    params = open(os.path.join(D, "params")).read().strip() if os.path.exists(os.path.join(D, "params")) else ""
+    ceil_t, n_t = best("floor.tutorial.")
+    ceil_k, _ = best("floor.keepalive.")
+    default_n = None
+    try:
+        default_n = len(json.load(open(os.path.join(D, "status.default.json")))["workers"])
+    except (OSError, ValueError, KeyError):
+        pass
+    print(f"# bench/limits.sh ({params}); the hop's ceiling = nginx -> floor.c; each row and ceiling is its best run")
+    print(f"#   ceiling, tutorial nginx: {fmt(ceil_t)} req/s (best of {n_t} runs: "
+          + ", ".join(fmt(rps(f)) for f in sorted(os.listdir(D)) if f.startswith("floor.tutorial."))
+          + f"); with upstream keepalive {fmt(ceil_k)} (best of before/after)")
+    for w in ["1", "2", "default"]:
+        label = f"{w} worker(s)" if w != "default" else f"default ({default_n} workers)"
+        (t, _), k = best(f"notesd.{w}.tutorial."), rps(f"notesd.{w}.keepalive.txt")
+        r = ratio(t, ceil_t)
+        row(f"GET /healthz, tutorial nginx, {label}", fmt(t), fmt(ceil_t), fmt(r, "{:.0%}"), "≥ 90 % of ceiling",
+            None if r is None else r >= 0.9)
+        r = ratio(k, ceil_k)
+        row(f"GET /healthz, upstream keepalive, {label}", fmt(k), fmt(ceil_k), fmt(r, "{:.0%}"), "≥ 90 % of ceiling",
+            None if r is None else r >= 0.9)
+        deltas, dev = accepted(w)
+        if w != "1":
+            row(f"accepted per worker, {label} (tutorial run)", " / ".join(map(str, deltas)), "mean",
+                fmt(dev, "±{:.0f} %"), "within ±25 %", None if dev is None else dev <= 25)
+    for route, nd, ax, target in [
+        ("GET /healthz, tutorial nginx", "notesd.default.tutorial.r1.txt", "axum.healthz.tutorial.txt", 1.0),
+        ("GET /healthz, upstream keepalive", "notesd.default.keepalive.txt", "axum.healthz.keepalive.txt", 1.0),
+        ("GET /api/notes (notesd: list cache on)", "notesd.list.keepalive.txt", "axum.list.keepalive.txt", None),
+        ("POST /api/notes", "notesd.post.keepalive.txt", "axum.post.keepalive.txt", None),
+    ]:
+        n, a = rps(nd), rps(ax)
+        r = ratio(n, a)
+        row(f"vs axum: {route}, default workers", fmt(n), fmt(a), fmt(r, "{:.2f}×"),
+            "ahead of axum" if target else "–", None if (r is None or target is None) else r >= target)
+    for route, nd, pg in [("GET /api/notes, cache off", "notesd.list.tcp.txt", "pgbench.list.txt"),
+                          ("POST /api/notes", "notesd.post.tcp.txt", "pgbench.insert.txt")]:
+        n, p = rps(nd), tps(pg)
+        r = ratio(n, p)
+        row(f"vs pgbench: {route} (wrk over TCP)", fmt(n), fmt(p) + " tps", fmt(r, "{:.0%}"), "≥ 75 % of pgbench",
+            None if r is None else r >= 0.75)
+    big, small = stats("notesd.post.big.txt"), stats("notesd.post.tcp.txt")
+    if big:
+        r = ratio(big["rps"], small["rps"] if small else None)
+        row("POST /api/notes, 4,000 connections (TCP)",
+            f"{big['rps']:,.0f} req/s, p99 {big['p99_ms']:.0f} ms, {errors(big)} errors",
+            fmt(small["rps"] if small else None) + " at 64", fmt(r, "{:.0%}"),
+            "0 errors, throughput flat (≥ 90 %)", errors(big) == 0 and r is not None and r >= 0.9)
+    print()
+    print("| row | notesd | reference | ratio | target | |")
+    print("|---|---:|---:|---:|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+main()
