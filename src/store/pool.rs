@@ -106,18 +106,17 @@ impl<C: Connection> Pool<C> {
         }
     }
 
-    /// Like [`acquire`](Self::acquire), but the connection is pinged just
-    /// before it is handed out (when the pool checks at all): for writes,
-    /// which are never retried.
+    /// Like [`acquire`](Self::acquire), but a connection idle for longer than
+    /// [`health::WRITE_IDLE_PING`] is pinged before it is handed out (when the
+    /// pool checks at all): for writes, which are never retried.
     pub async fn acquire_live(&self) -> Result<Conn<C>, sqlx::Error> {
-        let live = self.inner.check;
-        match tokio::time::timeout(self.inner.acquire_timeout, self.acquire_inner(live)).await {
+        match tokio::time::timeout(self.inner.acquire_timeout, self.acquire_inner(true)).await {
             Ok(r) => r,
             Err(_) => Err(sqlx::Error::PoolTimedOut),
         }
     }
 
-    async fn acquire_inner(&self, always_ping: bool) -> Result<Conn<C>, sqlx::Error> {
+    async fn acquire_inner(&self, write: bool) -> Result<Conn<C>, sqlx::Error> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(sqlx::Error::PoolClosed);
@@ -138,7 +137,8 @@ impl<C: Connection> Pool<C> {
                 continue;
             }
             let ping = inner.check
-                && (always_ping || health::should_ping(idle.opened.elapsed(), idle_for));
+                && ((write && idle_for > health::WRITE_IDLE_PING)
+                    || health::should_ping(idle.opened.elapsed(), idle_for));
             if ping && let Err(e) = idle.conn.ping().await {
                 // Nothing was sent on it yet: safe to try the next one, which
                 // is now suspect too.
