@@ -65,8 +65,9 @@ pub struct WorkerStatus {
     pub requests: u64,
     pub active_connections: u32,
     /// Connections this worker has accepted since it started (wraps at 2³²);
-    /// under load the workers' counts should be close (the accept thread
-    /// hands connections out in turn). Absent from an older master's answer.
+    /// under load the workers' counts should be close (idle workers take
+    /// connections in turn: src/worker/acceptor.rs). Absent from an older
+    /// master's answer.
     #[serde(default)]
     pub accepted: u32,
     pub last_heartbeat_s: f64,

@@ -349,7 +349,7 @@ pub struct SlotSnapshot {
     pub heartbeat_ns: u64,
     pub requests: u64,
     pub active_connections: u32,
-    /// Connections this worker has accepted (wraps at 2³²; see the accept thread).
+    /// Connections this worker has accepted (wraps at 2³²; see `worker::acceptor`).
     pub accepted: u32,
     pub current: Option<CurrentRequest>,
 }
@@ -410,7 +410,7 @@ impl Slot {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The accept thread handed this worker a connection.
+    /// This worker accepted a connection.
     pub(crate) fn connection_accepted(&self) {
         self.board
             .u32_at(self.off + OFF_ACCEPTED)

@@ -156,8 +156,8 @@ fn jitter(pid: u32, jitter: u64) -> u64 {
     x % (jitter + 1)
 }
 
-/// The inherited listeners, made non-blocking and handed to the accept
-/// thread (see [`super::acceptor`]); connections arrive on the receiver.
+/// The inherited listeners, made non-blocking and handed to the accept path
+/// (see [`super::acceptor`]), which starts taking connections at once.
 pub(crate) fn adopt_listeners(
     fds: Vec<(bool, OwnedFd)>,
     acceptor: &Acceptor,
