@@ -53,6 +53,7 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{SockFlag, accept4};
 use tokio::sync::Notify;
+use tokio::time::{Interval, MissedTickBehavior};
 
 use crate::clock;
 
@@ -79,6 +80,8 @@ pub(crate) struct Accepted {
 pub(crate) enum AcceptorError {
     #[error("cannot set up the accept epoll: {0}")]
     Epoll(Errno),
+    #[error("cannot make an inherited listener non-blocking: {0}")]
+    Nonblocking(Errno),
     #[error("cannot find the runtime's epoll descriptor in /proc/self/fd: {0}")]
     RuntimeEpoll(String),
     #[error("the accept path was started twice")]
@@ -161,7 +164,10 @@ impl Acceptor {
     }
 
     /// The next accepted connection; `None` once stopped and all handed over.
-    pub(crate) async fn next(&self) -> Option<Accepted> {
+    /// `check` ([`check_interval`]) ticks every [`SLICE`]: a worker that never
+    /// parks still serves the listen queue then. It is one timer kept by the
+    /// accept task, not one armed per connection.
+    pub(crate) async fn next(&self, check: &mut Interval) -> Option<Accepted> {
         let inner = self.inner.get()?;
         loop {
             let notified = inner.ready.notified();
@@ -171,10 +177,13 @@ impl Acceptor {
             if inner.stopped.load(Ordering::Acquire) {
                 return None;
             }
-            // A worker that never parks still serves the queue every SLICE.
-            if tokio::time::timeout(SLICE, notified).await.is_err() {
-                for key in 0..inner.listeners.len() {
-                    inner.take(key);
+            tokio::select! {
+                biased;
+                () = notified => {}
+                _ = check.tick() => {
+                    for key in 0..inner.listeners.len() {
+                        inner.take(key);
+                    }
                 }
             }
         }
@@ -192,6 +201,14 @@ impl Acceptor {
         }
         inner.ready.notify_one();
     }
+}
+
+/// The accept task's safety check for [`Acceptor::next`]: every [`SLICE`],
+/// late ticks not made up.
+pub(crate) fn check_interval() -> Interval {
+    let mut check = tokio::time::interval(SLICE);
+    check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    check
 }
 
 fn exclusive(key: u64) -> EpollEvent {

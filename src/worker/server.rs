@@ -163,12 +163,12 @@ pub(crate) fn adopt_listeners(
     acceptor: &Acceptor,
     runtime_epoll: BorrowedFd<'_>,
 ) -> Result<(), AcceptorError> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
     for (_, fd) in &fds {
-        nix::fcntl::fcntl(
-            fd,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .map_err(AcceptorError::Epoll)?;
+        // Keep the other status flags: add O_NONBLOCK, do not replace them.
+        let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(AcceptorError::Nonblocking)?;
+        let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
+        fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(AcceptorError::Nonblocking)?;
     }
     acceptor.start(runtime_epoll, fds)
 }
@@ -230,7 +230,8 @@ async fn serve_accepted(
     shared: Arc<Shared>,
     builder: Arc<http1::Builder>,
 ) {
-    while let Some(a) = acceptor.next().await {
+    let mut check = super::acceptor::check_interval();
+    while let Some(a) = acceptor.next(&mut check).await {
         shared.slot.connection_accepted();
         let served = if a.unix {
             let s = std::os::unix::net::UnixStream::from(a.fd);
