@@ -142,6 +142,71 @@ pub struct Note {
     pub updated_at: Timestamp,
 }
 
+/// A stored note borrowed from a database row: the list writes each row's
+/// JSON straight from it, with no `String` per field (see
+/// [`NoteRef::write_json`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoteRef<'a> {
+    pub id: i64,
+    pub title: &'a str,
+    pub body: Option<&'a str>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+impl<'a> From<&'a Note> for NoteRef<'a> {
+    fn from(n: &'a Note) -> NoteRef<'a> {
+        NoteRef {
+            id: n.id,
+            title: &n.title,
+            body: n.body.as_deref(),
+            created_at: n.created_at,
+            updated_at: n.updated_at,
+        }
+    }
+}
+
+impl NoteRef<'_> {
+    /// Append this note as JSON: byte for byte what `serde_json` writes for
+    /// the same [`Note`] (a unit test holds the two together), at a fraction
+    /// of the cost — the list's rows were a third of its CPU as serde calls.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"id\":");
+        out.extend_from_slice(itoa::Buffer::new().format(self.id).as_bytes());
+        out.extend_from_slice(b",\"title\":");
+        json_str(out, self.title);
+        out.extend_from_slice(b",\"body\":");
+        match self.body {
+            Some(b) => json_str(out, b),
+            None => out.extend_from_slice(b"null"),
+        }
+        let created = self.created_at.rfc3339_ms();
+        out.extend_from_slice(b",\"created_at\":\"");
+        out.extend_from_slice(&created);
+        out.extend_from_slice(b"\",\"updated_at\":\"");
+        if self.updated_at == self.created_at {
+            out.extend_from_slice(&created); // a note never edited
+        } else {
+            out.extend_from_slice(&self.updated_at.rfc3339_ms());
+        }
+        out.extend_from_slice(b"\"}");
+    }
+}
+
+/// A JSON string: copied as is when nothing in it needs escaping (the usual
+/// case), else escaped by `serde_json` itself.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    let plain = s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    if plain {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else if serde_json::to_writer(&mut *out, s).is_err() {
+        // Writing a &str into a Vec cannot fail; keep the JSON well-formed anyway.
+        out.extend_from_slice(b"null");
+    }
+}
+
 /// An instant, as microseconds since the Unix epoch (UTC). It serializes as
 /// RFC 3339 with milliseconds (`2026-11-22T00:31:31.384Z`) without allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -165,20 +230,15 @@ impl Timestamp {
         let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
         let year = (yoe + era * 400 + i64::from(month <= 2)).clamp(0, 9999) as u32;
         let mut out = *b"0000-00-00T00:00:00.000Z";
-        let mut put = |at: usize, v: u32, width: usize| {
-            let mut v = v;
-            for i in (0..width).rev() {
-                out[at + i] = b'0' + (v % 10) as u8;
-                v /= 10;
-            }
-        };
-        put(0, year, 4);
-        put(5, month, 2);
-        put(8, day, 2);
-        put(11, sod / 3600, 2);
-        put(14, sod / 60 % 60, 2);
-        put(17, sod % 60, 2);
-        put(20, millis, 3);
+        put2(&mut out, 0, year / 100);
+        put2(&mut out, 2, year % 100);
+        put2(&mut out, 5, month);
+        put2(&mut out, 8, day);
+        put2(&mut out, 11, sod / 3600);
+        put2(&mut out, 14, sod / 60 % 60);
+        put2(&mut out, 17, sod % 60);
+        out[20] = b'0' + (millis / 100) as u8;
+        put2(&mut out, 21, millis % 100);
         out
     }
 
@@ -208,6 +268,21 @@ impl Timestamp {
         let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
         Some(Timestamp(secs * 1_000_000 + ms * 1000))
     }
+}
+
+/// "00" to "99": two digits per lookup (the list formats two timestamps per
+/// note; a division per digit showed in its profile).
+const DIGIT_PAIRS: &[u8; 200] = b"\
+0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// Write `v` (below 100) as two digits at `at`.
+fn put2(out: &mut [u8; 24], at: usize, v: u32) {
+    let i = (v as usize % 100) * 2;
+    out[at..at + 2].copy_from_slice(&DIGIT_PAIRS[i..i + 2]);
 }
 
 impl Serialize for Timestamp {
@@ -292,6 +367,19 @@ mod tests {
             let back = Timestamp::parse_rfc3339_ms(text).expect("parse");
             assert_eq!(back.0, micros.div_euclid(1000) * 1000, "{text}");
         }
+        // Every field's digits, across the years the format holds.
+        let step = 86_400_000_000 * 37 + 3_723_456_789;
+        let mut micros = Timestamp::parse_rfc3339_ms("0000-03-01T00:00:00.000Z")
+            .expect("year 0")
+            .0;
+        while micros < 253_402_300_799_000_000 {
+            let t = Timestamp(micros);
+            let text = t.rfc3339_ms();
+            let text = std::str::from_utf8(&text).expect("ascii");
+            let back = Timestamp::parse_rfc3339_ms(text).expect(text);
+            assert_eq!(back.0, micros.div_euclid(1000) * 1000, "{text}");
+            micros += step;
+        }
         assert_eq!(
             serde_json::to_string(&Timestamp(0)).expect("json"),
             "\"1970-01-01T00:00:00.000Z\""
@@ -303,6 +391,36 @@ mod tests {
             "x".repeat(24).as_str(),
         ] {
             assert!(Timestamp::parse_rfc3339_ms(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn note_json_is_what_serde_writes() {
+        let texts = [
+            "plain",
+            "",
+            "quote \" and backslash \\ and slash /",
+            "controls \u{1}\u{8}\t\n\r\u{1f} end",
+            "del \u{7f}, é, 🦀, \u{2028}\u{2029}",
+            "</script>",
+        ];
+        for (i, title) in texts.iter().enumerate() {
+            for body in [None, Some(texts[(i + 1) % texts.len()]), Some("b")] {
+                let note = Note {
+                    id: [1, i64::MAX, 42][i % 3],
+                    title: (*title).to_string(),
+                    body: body.map(str::to_string),
+                    created_at: Timestamp(1_795_307_491_384_123),
+                    updated_at: Timestamp(-1_000),
+                };
+                let mut mine = Vec::new();
+                NoteRef::from(&note).write_json(&mut mine);
+                assert_eq!(
+                    String::from_utf8(mine).expect("utf-8"),
+                    serde_json::to_string(&note).expect("json"),
+                    "{note:?}"
+                );
+            }
         }
     }
 

@@ -5,7 +5,8 @@
 //! `"journald"` insists, falling back to stderr with a warning when no journal
 //! is there. `log.file`, when set, wins: lines are appended to it and USR1
 //! reopens it (for logrotate). Every line carries the process role and pid
-//! through a root span entered for the process' lifetime.
+//! through a root span entered for the process' lifetime (which libraries do
+//! not see as the current span: [`NoCurrentSpan`]).
 //!
 //! In the journal, access lines (target [`ACCESS_TARGET`]) go with priority 7
 //! (debug) and identifier `notesd-access`; everything else with the usual
@@ -20,6 +21,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
+use std::any::TypeId;
+
+use tracing::level_filters::LevelFilter;
+use tracing::subscriber::{Interest, Subscriber};
+use tracing::{Event, Metadata, span};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::MakeWriter;
@@ -203,6 +209,75 @@ fn journald_layer() -> io::Result<BoxLayer> {
     Ok(lifecycle.and_then(access).boxed())
 }
 
+/// The installed subscriber, except that it answers "no span" when asked for
+/// the current one by [`tracing::Span::current`].
+///
+/// Why. Each process enters its role span (`master{pid}` / `worker{pid
+/// generation}`) for its whole life, so it is always the current span.
+/// sqlx wraps every query stream in `in_current_span()`, and so entered and
+/// left that span around every poll of the stream — once per row: a list
+/// page of 50 notes spent an eighth of its CPU in the subscriber's enter and
+/// exit. With no current span to capture, the streams carry none.
+///
+/// Log lines are unchanged: the layers find an event's spans through the
+/// registry (`Context::lookup_current`), which this does not touch, and new
+/// spans still get their contextual parent from the registry.
+struct NoCurrentSpan<S>(S);
+
+impl<S: Subscriber> Subscriber for NoCurrentSpan<S> {
+    fn current_span(&self) -> tracing_core::span::Current {
+        tracing_core::span::Current::none()
+    }
+
+    fn on_register_dispatch(&self, dispatch: &tracing::Dispatch) {
+        self.0.on_register_dispatch(dispatch)
+    }
+    fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
+        self.0.register_callsite(meta)
+    }
+    fn enabled(&self, meta: &Metadata<'_>) -> bool {
+        self.0.enabled(meta)
+    }
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        self.0.max_level_hint()
+    }
+    fn new_span(&self, attrs: &span::Attributes<'_>) -> span::Id {
+        self.0.new_span(attrs)
+    }
+    fn record(&self, id: &span::Id, values: &span::Record<'_>) {
+        self.0.record(id, values)
+    }
+    fn record_follows_from(&self, id: &span::Id, follows: &span::Id) {
+        self.0.record_follows_from(id, follows)
+    }
+    fn event_enabled(&self, event: &Event<'_>) -> bool {
+        self.0.event_enabled(event)
+    }
+    fn event(&self, event: &Event<'_>) {
+        self.0.event(event)
+    }
+    fn enter(&self, id: &span::Id) {
+        self.0.enter(id)
+    }
+    fn exit(&self, id: &span::Id) {
+        self.0.exit(id)
+    }
+    fn clone_span(&self, id: &span::Id) -> span::Id {
+        self.0.clone_span(id)
+    }
+    fn try_close(&self, id: span::Id) -> bool {
+        self.0.try_close(id)
+    }
+    unsafe fn downcast_raw(&self, id: TypeId) -> Option<*const ()> {
+        if id == TypeId::of::<Self>() {
+            return Some(self as *const Self as *const ());
+        }
+        // SAFETY: the inner subscriber's own answer, for the inner subscriber,
+        // which lives as long as `self`.
+        unsafe { self.0.downcast_raw(id) }
+    }
+}
+
 /// Install the global subscriber. Returns a warning to log once logging is up
 /// (e.g. journald was asked for but is not there).
 pub fn init(config: &LogConfig) -> Result<Option<String>, LogError> {
@@ -244,9 +319,7 @@ pub fn init(config: &LogConfig) -> Result<Option<String>, LogError> {
         };
         journal.unwrap_or_else(|| fmt_layer(json, io::stderr, false))
     };
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(layer)
+    NoCurrentSpan(tracing_subscriber::registry().with(filter).with(layer))
         .try_init()
         .map_err(|_| LogError::AlreadySet)?;
     Ok(warning)
@@ -256,6 +329,41 @@ pub fn init(config: &LogConfig) -> Result<Option<String>, LogError> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// Lines written by a test subscriber.
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("lines").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn no_current_span_for_libraries_but_lines_keep_the_role_span() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || writer.clone());
+        let subscriber = NoCurrentSpan(tracing_subscriber::registry().with(layer));
+        tracing::subscriber::with_default(subscriber, || {
+            let role = tracing::info_span!("worker", pid = 7);
+            let _entered = role.enter();
+            assert!(tracing::Span::current().is_none());
+            tracing::info!("hello");
+            tracing::info_span!("inner").in_scope(|| tracing::info!("nested"));
+        });
+        let text = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("utf-8");
+        assert!(text.contains("worker{pid=7}: "), "{text}");
+        assert!(text.contains("hello"), "{text}");
+        assert!(text.contains("worker{pid=7}:inner: "), "{text}");
+    }
 
     #[test]
     fn throttle_logs_the_first_of_each_second_with_the_count_skipped() {

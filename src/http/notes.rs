@@ -14,6 +14,8 @@ use crate::domain::{NewNote, Note, NotePatch};
 
 pub(crate) const DEFAULT_LIMIT: i64 = 50;
 pub(crate) const MAX_LIMIT: i64 = 200;
+/// A first guess at a note's JSON size, so the list's buffer rarely grows.
+const LIST_BYTES_PER_NOTE: usize = 160;
 
 /// `?limit=&before=`, validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,17 +84,28 @@ pub(crate) async fn list(
     {
         return Ok(page_response(page));
     }
-    let notes = app.store.list_notes(q.limit, q.before).await?;
-    let link = match notes.notes.last() {
-        Some(last) if notes.more => HeaderValue::from_str(&format!(
-            "</api/notes?limit={}&before={}>; rel=\"next\"",
-            q.limit, last.id
+    let mut body = Vec::with_capacity(LIST_BYTES_PER_NOTE * q.limit as usize);
+    body.push(b'[');
+    let found = app
+        .store
+        .list_notes(q.limit, q.before, |note| {
+            if body.len() > 1 {
+                body.push(b',');
+            }
+            note.write_json(&mut body);
+        })
+        .await?;
+    body.push(b']');
+    let link = match found.last_id {
+        Some(last) if found.more => HeaderValue::from_str(&format!(
+            "</api/notes?limit={}&before={last}>; rel=\"next\"",
+            q.limit
         ))
         .ok(),
         _ => None,
     };
     let page = Page {
-        body: super::json_bytes(&notes.notes),
+        body: Bytes::from(body),
         link,
     };
     if let Some(token) = token {
