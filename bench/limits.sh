@@ -8,10 +8,11 @@
 #      sweep; the connections each worker accepted (`notesd status --json`, .accepted).
 #   B. the same rows against bench/axum (one axum process, tokio multi-thread, sqlx pool).
 #   C. the database path: pgbench -M prepared with notesd's own list and insert statements,
-#      then notesd (default workers, list cache off) straight over TCP with wrk.
+#      and notesd (default workers, list cache off) straight over TCP with wrk, in interleaved
+#      rounds, each run on a vacuumed and checkpointed table.
 #   D. POST /api/notes under 4,000 connections, straight over TCP: req/s, p99, errors.
 #
-# env: CONNS=64 (A-C)  ROUNDS=2 (A)  PGBENCH_CLIENTS=16  BIG_CONNS=4000  SKIP_AXUM=1
+# env: CONNS=64 (A-C)  ROUNDS=2 (A, C)  PGBENCH_CLIENTS=16  BIG_CONNS=4000  SKIP_AXUM=1
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -20,6 +21,7 @@ source "$PEER/lib.sh"
 OUT="$1/limits"; DUR="$2"
 CONNS="${CONNS:-64}"
 PGBENCH_CLIENTS="${PGBENCH_CLIENTS:-16}"
+ROUNDS="${ROUNDS:-2}"
 BIG_CONNS="${BIG_CONNS:-4000}"
 NOTESD="$ROOT/target/release/notesd"
 RUN=/tmp/notesd-bench-limits
@@ -115,7 +117,7 @@ ceiling() {  # SUFFIX
 # the keepalive rows once, with the ceiling before and after.
 log "A. accept path: the hop's ceiling (floor.c), then notesd at 1, 2 and default workers"
 ceiling before
-for r in $(seq 1 "${ROUNDS:-2}"); do
+for r in $(seq 1 "$ROUNDS"); do
   if ((r > 1)); then ceiling "r$r" tutorial; fi
   TARGET_SOCK="$SOCK"
   for w in 1 2 default; do
@@ -161,11 +163,21 @@ pgb() {  # NAME SQLFILE
     -T "$DUR" -f "$2" "$DB" > "$OUT/pgbench.$1.txt" 2>&1 || true
   log "pgbench $1: $(grep -E '^tps' "$OUT/pgbench.$1.txt" | head -1)"
 }
-pgb list "$RUN/list.sql"
-pgb insert "$RUN/insert.sql"
+# Both sides of a pair see the same table: every write before (steps B, the previous round) is
+# vacuumed and checkpointed first, or the side that runs second pays for setting hint bits and
+# for autovacuum and checkpoint work triggered by the other's inserts. Rounds interleave.
+settle() {
+  psql -q -h 127.0.0.1 -U postgres -d "$DB" -c 'VACUUM ANALYZE notes' -c 'CHECKPOINT' >/dev/null
+}
 start_notesd "$(config db-nocache default 0)"
-cell notesd.list.tcp.txt "$CONNS" "http://$TCP/api/notes"
-cell notesd.post.tcp.txt "$CONNS" "http://$TCP/api/notes" post
+for r in $(seq 1 "$ROUNDS"); do
+  settle; pgb "list.r$r" "$RUN/list.sql"
+  settle; cell "notesd.list.tcp.r$r.txt" "$CONNS" "http://$TCP/api/notes"
+done
+for r in $(seq 1 "$ROUNDS"); do
+  settle; pgb "insert.r$r" "$RUN/insert.sql"
+  settle; cell "notesd.post.tcp.r$r.txt" "$CONNS" "http://$TCP/api/notes" post
+done
 
 # ---- D. 4,000 connections ---------------------------------------------------------------------------
 log "D. POST /api/notes with $BIG_CONNS connections, straight over TCP"
