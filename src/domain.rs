@@ -166,6 +166,18 @@ impl<'a> From<&'a Note> for NoteRef<'a> {
     }
 }
 
+impl From<NoteRef<'_>> for Note {
+    fn from(n: NoteRef<'_>) -> Note {
+        Note {
+            id: n.id,
+            title: n.title.to_string(),
+            body: n.body.map(str::to_string),
+            created_at: n.created_at,
+            updated_at: n.updated_at,
+        }
+    }
+}
+
 impl NoteRef<'_> {
     /// Append this note as JSON: byte for byte what `serde_json` writes for
     /// the same [`Note`] (a unit test holds the two together), at a fraction

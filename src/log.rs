@@ -15,13 +15,12 @@
 //! only the debug class and can never cost the master's lifecycle lines
 //! ("reload complete", timeouts, boot failures).
 
+use std::any::TypeId;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
-
-use std::any::TypeId;
 
 use tracing::level_filters::LevelFilter;
 use tracing::subscriber::{Interest, Subscriber};

@@ -124,11 +124,11 @@ macro_rules! with_conn {
     (@run $acquire:ident, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
         match $store {
             Store::Postgres(pool) => {
-                with_conn!(@on pool.$acquire(), &PG, note::<sqlx::postgres::PgRow, PgTimestamp>,
+                with_conn!(@on pool.$acquire(), &PG, note::<sqlx::postgres::PgRow>,
                     |$conn, $sql, $note| $body)
             }
             Store::Sqlite(pool) => {
-                with_conn!(@on pool.$acquire(), &LITE, note::<sqlx::sqlite::SqliteRow, LiteTimestamp>,
+                with_conn!(@on pool.$acquire(), &LITE, note::<sqlx::sqlite::SqliteRow>,
                     |$conn, $sql, $note| $body)
             }
         }
@@ -150,22 +150,15 @@ macro_rules! with_conn {
     };
 }
 
-fn note<'r, R, Ts>(r: &'r R) -> Result<Note, sqlx::Error>
+/// A note, owned: what the by-id read and the writes return (checked).
+fn note<'r, R>(r: &'r R) -> Result<Note, sqlx::Error>
 where
-    R: Row,
+    R: NoteRow,
     usize: ColumnIndex<R>,
     i64: Decode<'r, R::Database> + Type<R::Database>,
-    String: Decode<'r, R::Database> + Type<R::Database>,
-    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
-    Ts: Decode<'r, R::Database> + Type<R::Database> + Into<Timestamp>,
+    &'r str: Decode<'r, R::Database> + Type<R::Database>,
 {
-    Ok(Note {
-        id: r.try_get(0)?,
-        title: r.try_get(1)?,
-        body: r.try_get(2)?,
-        created_at: r.try_get::<Ts, _>(3)?.into(),
-        updated_at: r.try_get::<Ts, _>(4)?.into(),
-    })
+    note_ref(r, true).map(Note::from)
 }
 
 /// A backend's row, and how it stores timestamps.
