@@ -18,7 +18,8 @@
 //! write cost POST a second round trip: 60 % of pgbench's INSERT rate). What
 //! the short threshold leaves: a connection killed less than
 //! [`WRITE_IDLE_PING`] before a write is used, and that write answers 503
-//! (nothing committed); the next ones find the pool suspect and ping. Health is per process: a worker has one pool.
+//! (nothing committed); the next ones find the pool suspect and ping.
+//! Health is per process: a worker has one pool.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

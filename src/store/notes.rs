@@ -298,13 +298,14 @@ impl Store {
                 }
                 None => sqlx::query(sql.list).bind(fetch).fetch_all(p).await?,
             };
-            let notes = rows
+            // The extra row only says that more follow: it is not decoded.
+            let more = rows.len() as i64 > limit;
+            let page = rows
                 .iter()
+                .take(limit as usize)
                 .enumerate()
                 .map(|(i, r)| note_ref(r, i == 0))
                 .collect::<Result<Vec<_>, _>>()?;
-            let more = notes.len() as i64 > limit;
-            let page = &notes[..notes.len().min(limit as usize)];
             page.iter().for_each(|n| each(*n));
             ListSummary {
                 more,
