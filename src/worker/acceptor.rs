@@ -16,8 +16,9 @@
 //! tokio calls [`Acceptor::park`] (its `on_thread_park` hook) when it has
 //! nothing to run, and this epoll holds the listeners (exclusive) **and
 //! tokio's own epoll** (not exclusive), so the thread wakes for a connection
-//! or for anything tokio waits for. A connection is accepted right here (one
-//! per wake-up) and the accept task is woken; tokio
+//! or for anything tokio waits for. What is queued on the listener is
+//! accepted right here (at most [`ACCEPT_BATCH`] per wake-up) and the accept
+//! task is woken; tokio
 //! then polls its reactor without blocking (it does whenever the park hook
 //! scheduled work: tokio-rs/tokio#8212, in the locked 1.54), so timers and
 //! sockets are served as usual.
@@ -63,6 +64,14 @@ pub(crate) const SLICE: Duration = Duration::from_millis(50);
 
 /// The epoll key of tokio's epoll; listeners are keyed by their index.
 const RUNTIME_KEY: u64 = u64::MAX;
+
+/// The most connections one wake-up takes off a listener. Taking what is
+/// queued saves a park and a re-registration per connection once they come
+/// faster than one is served (connection-per-request `/healthz` through
+/// nginx, three interleaved rounds: 1 worker 19.5–20.8 µs of CPU per
+/// connection instead of 20.9–22.5; 2 workers no change in req/s, CPU or
+/// balance); the bound keeps a burst from landing on one worker.
+const ACCEPT_BATCH: usize = 8;
 
 /// How long to back off after an accept error that is not the client's
 /// (EMFILE, ENFILE, ENOBUFS, ENOMEM): the listener stays readable.
@@ -224,36 +233,47 @@ impl Inner {
         self.queue.lock().map(|q| q.is_empty()).unwrap_or(true)
     }
 
-    /// Accept one connection from listener `key`, then move this worker to
-    /// the tail of the listener's wait queue (see the module doc). More
-    /// queued connections keep the listener ready: the next park takes the
-    /// next one, unless an idle worker has taken it first.
+    /// Accept what is queued on listener `key`, up to [`ACCEPT_BATCH`], then
+    /// move this worker to the tail of the listener's wait queue (see the
+    /// module doc). More queued connections keep the listener ready: the next
+    /// park takes them, unless an idle worker has taken them first.
     fn take(&self, key: usize) {
         let Some((unix, listener)) = self.listeners.get(key) else {
             return;
         };
-        if self.stopped.load(Ordering::Acquire) {
-            return;
-        }
-        let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-        match accept4(listener.as_raw_fd(), flags) {
-            Ok(fd) => {
-                // SAFETY: accept4 returned a new descriptor that nothing else owns.
-                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                if let Ok(mut q) = self.queue.lock() {
-                    q.push_back(Accepted { unix: *unix, fd });
-                }
-                let moved = self
-                    .epoll
-                    .delete(listener)
-                    .and_then(|()| self.epoll.add(listener, exclusive(key as u64)));
-                if let Err(e) = moved {
-                    tracing::error!("cannot re-register a listener in the accept epoll: {e}");
-                }
+        let mut taken = 0;
+        while taken < ACCEPT_BATCH && !self.stopped.load(Ordering::Acquire) {
+            let Some(fd) = accept_one(listener) else {
+                break;
+            };
+            if let Ok(mut q) = self.queue.lock() {
+                q.push_back(Accepted { unix: *unix, fd });
             }
-            // Another worker was faster, or the client gave up in the queue.
-            Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNABORTED) => {}
-            Err(e) => accept_failed(e),
+            taken += 1;
+        }
+        if taken > 0 {
+            let moved = self
+                .epoll
+                .delete(listener)
+                .and_then(|()| self.epoll.add(listener, exclusive(key as u64)));
+            if let Err(e) = moved {
+                tracing::error!("cannot re-register a listener in the accept epoll: {e}");
+            }
+        }
+    }
+}
+
+/// One connection off `listener`, or `None` when there is none to take now.
+fn accept_one(listener: &OwnedFd) -> Option<OwnedFd> {
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    match accept4(listener.as_raw_fd(), flags) {
+        // SAFETY: accept4 returned a new descriptor that nothing else owns.
+        Ok(fd) => Some(unsafe { OwnedFd::from_raw_fd(fd) }),
+        // Another worker was faster, or the client gave up in the queue.
+        Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNABORTED) => None,
+        Err(e) => {
+            accept_failed(e);
+            None
         }
     }
 }
