@@ -1,6 +1,6 @@
 /* floor: the cheapest HTTP/1.1 upstream there can be, to measure the proxy hop.
  *
- *   cc -O2 -o floor bench/floor.c && ./floor /path/to/floor.sock
+ *   cc -O2 -o floor bench/floor.c && ./floor /path/to/floor.sock [PROCESSES]
  *
  * One thread, one epoll set, edge-triggered; every complete request head
  * ("\r\n\r\n") in a read is answered with the same canned keep-alive response,
@@ -9,6 +9,11 @@
  * for GET /healthz, so that "nginx -> floor" is what nginx -> *any* upstream
  * can reach on this machine, the ceiling the healthz target is measured
  * against. Not a server for anything else.
+ *
+ * PROCESSES (default 1) > 1 forks after listen(2), each process with its own
+ * epoll where the listener is EPOLLEXCLUSIVE: the cheapest prefork server,
+ * to tell what N upstream processes cost the hop, apart from what a server
+ * does per request.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -16,7 +21,9 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdlib.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -33,8 +40,10 @@ int main(int argc, char **argv) {
     /* A write to a connection nginx has closed must not kill the ceiling
      * mid-run (SIGPIPE's default): the write fails, the close follows. */
     signal(SIGPIPE, SIG_IGN);
-    if (argc != 2 || strlen(argv[1]) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
-        fprintf(stderr, "usage: floor SOCKET_PATH\n");
+    int procs = argc == 3 ? atoi(argv[2]) : 1;
+    if (argc < 2 || argc > 3 || procs < 1 || procs > 64 ||
+        strlen(argv[1]) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
+        fprintf(stderr, "usage: floor SOCKET_PATH [PROCESSES]\n");
         return 2;
     }
     int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -46,8 +55,22 @@ int main(int argc, char **argv) {
         return 1;
     }
     chmod(argv[1], 0666);
+    /* PROCESSES > 1: prefork, each process with its own epoll where the
+     * listener is exclusive (one idle process woken per connection), as
+     * notesd's workers; they die with the first. */
+    for (int p = 1; p < procs; p++) {
+        pid_t pid = fork();
+        if (pid < 0) {
+            perror("floor: fork");
+            return 1;
+        }
+        if (pid == 0) {
+            prctl(PR_SET_PDEATHSIG, SIGTERM);
+            break;
+        }
+    }
     int ep = epoll_create1(EPOLL_CLOEXEC);
-    struct epoll_event ev = {.events = EPOLLIN, .data.fd = lfd};
+    struct epoll_event ev = {.events = EPOLLIN | (procs > 1 ? EPOLLEXCLUSIVE : 0), .data.fd = lfd};
     if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev) < 0) {
         perror("floor: epoll");
         return 1;

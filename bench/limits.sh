@@ -10,7 +10,8 @@
 #   C. the database path: pgbench -M prepared with notesd's own list and insert statements,
 #      and notesd (default workers, list cache off) straight over TCP with wrk, in interleaved
 #      rounds, each run on a vacuumed and checkpointed table.
-#   D. POST /api/notes under 4,000 connections, straight over TCP: req/s, p99, errors.
+#   D. POST /api/notes under 4,000 connections, straight over TCP: req/s, p99, errors; in C's
+#      POST rounds, against the 64-connection POST.
 #
 # env: CONNS=64 (A-C)  ROUNDS=2 (A, C)  PGBENCH_CLIENTS=16  BIG_CONNS=4000  SKIP_AXUM=1
 set -euo pipefail
@@ -99,16 +100,17 @@ through() {
 }
 
 # ---- A. the accept path -------------------------------------------------------------------------
-ceiling() {  # SUFFIX
+ceiling() {  # SUFFIX [tutorial]; env FLOOR_PROCS (1), FLOOR_NAME (floor)
   cc -O2 -o "$RUN/floor" "$HERE/floor.c"
   rm -f "$RUN/floor.sock"
-  "$RUN/floor" "$RUN/floor.sock" > "$OUT/floor.log" 2>&1 &
+  "$RUN/floor" "$RUN/floor.sock" "${FLOOR_PROCS:-1}" >> "$OUT/floor.log" 2>&1 &
   FLOOR_PID=$!
   for _ in $(seq 1 50); do [[ -S $RUN/floor.sock ]] && break; sleep 0.1; done
   chmod 0666 "$RUN/floor.sock"
   TARGET_SOCK="$RUN/floor.sock"
-  through "floor.tutorial.$1.txt" /healthz get 0
-  [[ ${2:-} == tutorial ]] || through "floor.keepalive.$1.txt" /healthz get 1
+  local name=${FLOOR_NAME:-floor}
+  through "$name.tutorial.$1.txt" /healthz get 0
+  [[ ${2:-} == tutorial ]] || through "$name.keepalive.$1.txt" /healthz get 1
   kill -0 "$FLOOR_PID" 2>/dev/null || die "floor.c died during the run (see $OUT/floor.log)"
   kill "$FLOOR_PID"; FLOOR_PID=
 }
@@ -117,6 +119,10 @@ ceiling() {  # SUFFIX
 # the keepalive rows once, with the ceiling before and after.
 log "A. accept path: the hop's ceiling (floor.c), then notesd at 1, 2 and default workers"
 ceiling before
+# The same ceiling from 2 prefork floor.c processes (listener exclusive in each one's epoll):
+# what 2 upstream processes cost nginx and the client here, whatever the server. Reported
+# beside the ceiling, not a target's reference.
+FLOOR_PROCS=2 FLOOR_NAME=floor2 ceiling prefork
 for r in $(seq 1 "$ROUNDS"); do
   if ((r > 1)); then ceiling "r$r" tutorial; fi
   TARGET_SOCK="$SOCK"
@@ -174,14 +180,14 @@ for r in $(seq 1 "$ROUNDS"); do
   settle; pgb "list.r$r" "$RUN/list.sql"
   settle; cell "notesd.list.tcp.r$r.txt" "$CONNS" "http://$TCP/api/notes"
 done
+# D. POST under 4,000 connections rides in the same rounds: "held flat" compares it with the
+# 64-connection POST best round against best round, as every other row.
+log "   (and D. POST /api/notes with $BIG_CONNS connections in each round)"
 for r in $(seq 1 "$ROUNDS"); do
   settle; pgb "insert.r$r" "$RUN/insert.sql"
   settle; cell "notesd.post.tcp.r$r.txt" "$CONNS" "http://$TCP/api/notes" post
+  settle; cell "notesd.post.big.r$r.txt" "$BIG_CONNS" "http://$TCP/api/notes" post
 done
-
-# ---- D. 4,000 connections ---------------------------------------------------------------------------
-log "D. POST /api/notes with $BIG_CONNS connections, straight over TCP"
-cell notesd.post.big.txt "$BIG_CONNS" "http://$TCP/api/notes" post
 stop_notesd
 echo "cores=$(nproc) conns=$CONNS pgbench_clients=$PGBENCH_CLIENTS big_conns=$BIG_CONNS" > "$OUT/params"
 python3 "$HERE/limits_report.py" "$OUT" | tee "$OUT/summary.txt"
