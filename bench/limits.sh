@@ -13,7 +13,7 @@
 #   D. POST /api/notes under 4,000 connections, straight over TCP: req/s, p99, errors; in C's
 #      POST rounds, against the 64-connection POST.
 #
-# env: CONNS=64 (A-C)  ROUNDS=2 (A, C)  PGBENCH_CLIENTS=16  BIG_CONNS=4000  SKIP_AXUM=1
+# env: CONNS=64 (A-C)  ROUNDS=3 (A, C, D)  PGBENCH_CLIENTS=16  BIG_CONNS=4000  SKIP_AXUM=1
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
@@ -22,7 +22,7 @@ source "$PEER/lib.sh"
 OUT="$1/limits"; DUR="$2"
 CONNS="${CONNS:-64}"
 PGBENCH_CLIENTS="${PGBENCH_CLIENTS:-16}"
-ROUNDS="${ROUNDS:-2}"
+ROUNDS="${ROUNDS:-3}"
 BIG_CONNS="${BIG_CONNS:-4000}"
 NOTESD="$ROOT/target/release/notesd"
 RUN=/tmp/notesd-bench-limits
@@ -114,7 +114,7 @@ ceiling() {  # SUFFIX [tutorial]; env FLOOR_PROCS (1), FLOOR_NAME (floor)
   kill -0 "$FLOOR_PID" 2>/dev/null || die "floor.c died during the run (see $OUT/floor.log)"
   kill "$FLOOR_PID"; FLOOR_PID=
 }
-# The connection-per-request rows in ROUNDS (2) interleaved rounds (ceiling, 1, 2, default, ...;
+# The connection-per-request rows in ROUNDS (3) interleaved rounds (ceiling, 1, 2, default, ...;
 # the report takes each row's best round: on a shared machine interference only slows a run);
 # the keepalive rows once, with the ceiling before and after.
 log "A. accept path: the hop's ceiling (floor.c), then notesd at 1, 2 and default workers"
@@ -122,9 +122,10 @@ ceiling before
 # The same ceiling from 2 prefork floor.c processes (listener exclusive in each one's epoll):
 # what 2 upstream processes cost nginx and the client here, whatever the server. Reported
 # beside the ceiling, not a target's reference.
-FLOOR_PROCS=2 FLOOR_NAME=floor2 ceiling prefork
+prefork_ceiling() { FLOOR_PROCS=2 FLOOR_NAME=floor2 ceiling "$@"; }
+prefork_ceiling before
 for r in $(seq 1 "$ROUNDS"); do
-  if ((r > 1)); then ceiling "r$r" tutorial; fi
+  if ((r > 1)); then ceiling "r$r" tutorial; prefork_ceiling "r$r" tutorial; fi
   TARGET_SOCK="$SOCK"
   for w in 1 2 default; do
     start_notesd "$(config "workers-$w" "$w" 250)"

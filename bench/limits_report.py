@@ -111,7 +111,7 @@ def main():
     print(f"#   ceiling, tutorial nginx: {fmt(ceil_t)} req/s (best of {n_t} runs: "
           + ", ".join(fmt(rps(f)) for f in sorted(os.listdir(D)) if f.startswith("floor.tutorial."))
           + f"); with upstream keepalive {fmt(ceil_k)} (best of before/after)")
-    pre_t, pre_k = rps("floor2.tutorial.prefork.txt"), rps("floor2.keepalive.prefork.txt")
+    (pre_t, _), (pre_k, _) = best("floor2.tutorial."), best("floor2.keepalive.")
     if pre_t or pre_k:
         print(f"#   from 2 prefork floor.c processes: tutorial {fmt(pre_t)} ({fmt(ratio(pre_t, ceil_t), '{:.0%}')}),"
               f" keepalive {fmt(pre_k)} ({fmt(ratio(pre_k, ceil_k), '{:.0%}')}) of the ceiling")
@@ -124,6 +124,14 @@ def main():
         r = ratio(k, ceil_k)
         row(f"GET /healthz, upstream keepalive, {label}", fmt(k), fmt(ceil_k), fmt(r, "{:.0%}"), "≥ 90 % of ceiling",
             None if r is None else r >= 0.9)
+        if w == "2":
+            for mode, n, f in [("tutorial nginx", t, "floor2.tutorial."),
+                               ("upstream keepalive", k, "floor2.keepalive.")]:
+                (ref, _) = best(f)
+                if ref:
+                    r = ratio(n, ref)
+                    row(f"GET /healthz, {mode}, 2 workers vs 2 prefork floor.c processes", fmt(n), fmt(ref),
+                        fmt(r, "{:.0%}"), "– (what 2 processes leave here)", None)
         deltas, dev = accepted(w)
         if w != "1":
             row(f"accepted per worker, {label} (tutorial run)", " / ".join(map(str, deltas)), "mean",
