@@ -31,9 +31,14 @@ def errors(s):
     return int(s["non2xx"] + s["connect"] + s["read"] + s["write"] + s["timeout"])
 
 
+def rounds(prefix):
+    """The result files of one row's interleaved rounds: PREFIX*.txt, in order."""
+    return [f for f in sorted(os.listdir(D)) if f.startswith(prefix) and f.endswith(".txt")]
+
+
 def best(prefix):
     """The best req/s of the runs named PREFIX*.txt (interleaved rounds), and their count."""
-    xs = [rps(f) for f in sorted(os.listdir(D)) if f.startswith(prefix) and f.endswith(".txt")]
+    xs = [rps(f) for f in rounds(prefix)]
     xs = [x for x in xs if x]
     return (max(xs) if xs else None), len(xs)
 
@@ -51,14 +56,14 @@ def tps(name):
 
 def best_tps(prefix):
     """The best tps of the pgbench runs named PREFIX*.txt (interleaved rounds)."""
-    xs = [tps(f) for f in sorted(os.listdir(D)) if f.startswith(prefix) and f.endswith(".txt")]
+    xs = [tps(f) for f in rounds(prefix)]
     xs = [x for x in xs if x]
     return max(xs) if xs else None
 
 
 def runs(prefix, value):
     """Every round's figure, for the table: "a / b"."""
-    return " / ".join(fmt(value(f)) for f in sorted(os.listdir(D)) if f.startswith(prefix) and f.endswith(".txt"))
+    return " / ".join(fmt(value(f)) for f in rounds(prefix))
 
 
 def mean(xs):
@@ -109,7 +114,7 @@ def main():
         pass
     print(f"# bench/limits.sh ({params}); the hop's ceiling = nginx -> floor.c; each row and ceiling is its best run")
     print(f"#   ceiling, tutorial nginx: {fmt(ceil_t)} req/s (best of {n_t} runs: "
-          + ", ".join(fmt(rps(f)) for f in sorted(os.listdir(D)) if f.startswith("floor.tutorial."))
+          + ", ".join(fmt(rps(f)) for f in rounds("floor.tutorial."))
           + f"); with upstream keepalive {fmt(ceil_k)} (best of before/after)")
     (pre_t, _), (pre_k, _) = best("floor2.tutorial."), best("floor2.keepalive.")
     if pre_t or pre_k:
@@ -152,8 +157,7 @@ def main():
         r = ratio(n, p)
         row(f"vs pgbench: {route} (wrk over TCP; rounds {runs(nd, rps)} vs {runs(pg, tps)})",
             fmt(n), fmt(p) + " tps", fmt(r, "{:.0%}"), "≥ 75 % of pgbench", None if r is None else r >= 0.75)
-    bigs = [s for s in (stats(f) for f in sorted(os.listdir(D))
-                        if f.startswith("notesd.post.big.") and f.endswith(".txt")) if s]
+    bigs = [s for s in map(stats, rounds("notesd.post.big.")) if s]
     (small, _) = best("notesd.post.tcp.")
     if bigs:
         top = max(bigs, key=lambda s: s["rps"])
