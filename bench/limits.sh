@@ -101,7 +101,6 @@ through() {
 
 # ---- A. the accept path -------------------------------------------------------------------------
 ceiling() {  # SUFFIX [tutorial]; env FLOOR_PROCS (1), FLOOR_NAME (floor)
-  cc -O2 -o "$RUN/floor" "$HERE/floor.c"
   rm -f "$RUN/floor.sock"
   "$RUN/floor" "$RUN/floor.sock" "${FLOOR_PROCS:-1}" >> "$OUT/floor.log" 2>&1 &
   FLOOR_PID=$!
@@ -118,6 +117,7 @@ ceiling() {  # SUFFIX [tutorial]; env FLOOR_PROCS (1), FLOOR_NAME (floor)
 # the report takes each row's best round: on a shared machine interference only slows a run);
 # the keepalive rows once, with the ceiling before and after.
 log "A. accept path: the hop's ceiling (floor.c), then notesd at 1, 2 and default workers"
+cc -O2 -o "$RUN/floor" "$HERE/floor.c"
 ceiling before
 # The same ceiling from 2 prefork floor.c processes (listener exclusive in each one's epoll):
 # what 2 upstream processes cost nginx and the client here, whatever the server. Reported
