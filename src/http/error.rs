@@ -30,6 +30,10 @@ pub(crate) enum ApiError {
     Invalid(#[from] Invalid),
     #[error("the database is unavailable")]
     Unavailable,
+    /// No room to commit the write (a full disk under SQLite, PostgreSQL's
+    /// `disk_full`): nothing was written.
+    #[error("storage full")]
+    StorageFull,
     #[error("the request took longer than {0} s")]
     Timeout(u64),
     #[error("internal error")]
@@ -48,6 +52,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable | ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,6 +68,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Invalid(_) => "validation_failed",
             ApiError::Unavailable => "unavailable",
+            ApiError::StorageFull => "storage_full",
             ApiError::Timeout(_) => "timeout",
             ApiError::Internal => "internal",
         }
@@ -84,11 +90,20 @@ impl ApiError {
 /// One line a second per worker for each, however many requests hit it.
 static UNAVAILABLE: Throttle = Throttle::new();
 static INTERNAL: Throttle = Throttle::new();
+static FULL: Throttle = Throttle::new();
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         let now = crate::clock::now();
-        if e.is_unavailable() {
+        if e.is_storage_full() {
+            if let Some(skipped) = FULL.admit(now) {
+                tracing::warn!(
+                    "storage full: a write was refused (507), nothing committed: {e}{}",
+                    skipped_note(skipped)
+                );
+            }
+            ApiError::StorageFull
+        } else if e.is_unavailable() {
             if let Some(skipped) = UNAVAILABLE.admit(now) {
                 tracing::warn!("database unavailable: {e}{}", skipped_note(skipped));
             }

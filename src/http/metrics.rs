@@ -8,7 +8,7 @@ use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
 
-use crate::scoreboard::{BUCKETS, Route, STATUSES, Scoreboard, Totals};
+use crate::scoreboard::{BUCKETS, Route, Scoreboard, Totals};
 
 pub(crate) fn render(board: &Scoreboard) -> Response<Full<Bytes>> {
     let text = format(&board.totals());
@@ -34,7 +34,7 @@ pub(crate) fn format(t: &Totals) -> String {
             if n == 0 {
                 continue;
             }
-            let status = STATUSES.get(s).map_or("other".to_string(), u16::to_string);
+            let status = Totals::status_label(s);
             let _ = writeln!(
                 out,
                 "notesd_http_requests_total{{route=\"{label}\",status=\"{status}\"}} {n}"

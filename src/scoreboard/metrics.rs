@@ -57,6 +57,10 @@ impl Route {
 pub(crate) const STATUSES: &[u16] = &[
     200, 201, 204, 400, 404, 405, 408, 411, 413, 415, 422, 431, 500, 503,
 ];
+/// Counted individually too, added after binaries of the layout shipped:
+/// they come after the "other" bucket, so that every index an older binary
+/// writes or reads (`0..=STATUSES.len()`) keeps its meaning.
+pub(crate) const LATE_STATUSES: &[u16] = &[507];
 /// Latency histogram upper bounds (seconds); a final +Inf bucket follows.
 pub(crate) const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -156,16 +160,32 @@ impl Totals {
     }
 
     pub const fn status_buckets() -> usize {
-        STATUSES.len() + 1
+        STATUSES.len() + 1 + LATE_STATUSES.len()
+    }
+
+    /// The `status` label of bucket `s`.
+    pub(crate) fn status_label(s: usize) -> String {
+        match STATUSES.get(s) {
+            Some(code) => code.to_string(),
+            None if s == STATUSES.len() => "other".to_string(),
+            None => LATE_STATUSES
+                .get(s - STATUSES.len() - 1)
+                .map_or("other".to_string(), u16::to_string),
+        }
     }
 }
 
-/// Index of a status in [`STATUSES`], or the "other" bucket.
+const _: () = assert!(Totals::status_buckets() <= N_STATUS);
+
+/// Index of a status in [`STATUSES`] or [`LATE_STATUSES`], or the "other" bucket.
 pub(crate) fn status_index(status: u16) -> usize {
-    STATUSES
+    if let Some(i) = STATUSES.iter().position(|s| *s == status) {
+        return i;
+    }
+    LATE_STATUSES
         .iter()
         .position(|s| *s == status)
-        .unwrap_or(STATUSES.len())
+        .map_or(STATUSES.len(), |i| STATUSES.len() + 1 + i)
 }
 
 impl Slot {
@@ -209,6 +229,10 @@ mod tests {
         let t = board.totals();
         assert_eq!(t.requests(Route::Notes, status_index(200)), 2);
         assert_eq!(t.requests(Route::Notes, STATUSES.len()), 1);
+        assert_eq!(Totals::status_label(STATUSES.len()), "other");
+        assert_eq!(Totals::status_label(status_index(507)), "507");
+        assert_eq!(Totals::status_label(status_index(200)), "200");
+        assert_eq!(status_index(599), STATUSES.len());
         assert_eq!(
             t.bucket(Route::Notes, BUCKETS.len()),
             1,

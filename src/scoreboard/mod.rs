@@ -40,7 +40,7 @@ use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 pub(crate) mod metrics;
 
-pub(crate) use metrics::{BUCKETS, Route, STATUSES, Totals};
+pub(crate) use metrics::{BUCKETS, Route, Totals};
 
 const MAGIC: u64 = 0x6e6f_7465_7364_5342; // "notesdSB"
 const LAYOUT_VERSION: u32 = 2;

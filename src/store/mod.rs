@@ -58,6 +58,30 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// The database has no room for the write (SQLite `SQLITE_FULL`: the
+    /// disk or file system under it is full; PostgreSQL 53100 `disk_full`):
+    /// maps to 507. Nothing was committed, reads still work, and writes
+    /// succeed again by themselves once there is room.
+    pub fn is_storage_full(&self) -> bool {
+        let StoreError::Query(sqlx::Error::Database(db)) = self else {
+            return false;
+        };
+        let backend = if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+            Backend::Sqlite
+        } else {
+            Backend::Postgres
+        };
+        storage_full_code(backend, &db.code().unwrap_or_default())
+    }
+}
+
+/// `SQLITE_FULL` (13; it has no extended codes) or PostgreSQL's `disk_full`.
+fn storage_full_code(backend: Backend, code: &str) -> bool {
+    match backend {
+        Backend::Postgres => code == "53100",
+        Backend::Sqlite => code.parse::<i32>().is_ok_and(|n| n & 0xff == 13),
+    }
 }
 
 /// Errors that say "the database cannot serve now", not "this query is wrong".
@@ -344,6 +368,19 @@ mod tests {
         }
         for code in ["1", "19", "2067", "53300"] {
             assert!(!unavailable_code(Sqlite, code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_classified_per_backend() {
+        use Backend::*;
+        assert!(storage_full_code(Sqlite, "13"));
+        assert!(storage_full_code(Postgres, "53100"));
+        // 13 is not a SQLSTATE; 53100 is not a SQLite code (its low byte is 76).
+        assert!(!storage_full_code(Postgres, "13"));
+        assert!(!storage_full_code(Sqlite, "53100"));
+        for code in ["5", "10", "266", "19"] {
+            assert!(!storage_full_code(Sqlite, code), "{code}");
         }
     }
 }

@@ -150,6 +150,24 @@ macro_rules! with_conn {
     };
 }
 
+/// The `RETURNING` row of a write that affects at most one row, taken from
+/// **every** row the statement produced: the writes read their rows with
+/// `fetch_all`, never `fetch_one`/`fetch_optional`, so that a 2xx only ever
+/// answers a committed write (docs/design.md §6, "A write's commit").
+///
+/// Why: an autocommit statement commits when it runs to its end. sqlx's
+/// SQLite driver stops stepping after the row `fetch_one`/`fetch_optional`
+/// asked for and resets the statement, and the reset's error — the commit
+/// failing with `SQLITE_FULL` or an I/O error — is dropped (sqlx #2099): the
+/// row came back, the note did not persist (3,000 × 201 on a full disk, 298
+/// notes kept). Stepped to the end, the failed commit is the statement's
+/// error. On PostgreSQL both read up to `ReadyForQuery` (a deferred
+/// constraint failing at commit is an error either way); `fetch_all` keeps
+/// one rule for both backends at no extra round trip.
+fn committed_row<R>(rows: Vec<R>) -> Option<R> {
+    rows.into_iter().next()
+}
+
 /// A note, owned: what the by-id read and the writes return (checked).
 fn note<'r, R>(r: &'r R) -> Result<Note, sqlx::Error>
 where
@@ -333,11 +351,13 @@ impl Store {
     /// Insert and commit; returns the new id.
     pub async fn create_note(&self, n: &NewNote) -> Result<i64, StoreError> {
         with_conn!(write self, |p, sql, note| {
-            sqlx::query(sql.insert)
+            let rows = sqlx::query(sql.insert)
                 .bind(n.title.as_str())
                 .bind(n.body.as_deref())
-                .fetch_one(p)
-                .await?
+                .fetch_all(p)
+                .await?;
+            committed_row(rows)
+                .ok_or(sqlx::Error::RowNotFound)?
                 .try_get::<i64, _>(0)?
         })
     }
@@ -345,13 +365,13 @@ impl Store {
     /// Replace title and body; `None` when the note does not exist.
     pub async fn put_note(&self, id: i64, n: &NewNote) -> Result<Option<Note>, StoreError> {
         with_conn!(write self, |p, sql, note| {
-            let row = sqlx::query(sql.put)
+            let rows = sqlx::query(sql.put)
                 .bind(id)
                 .bind(n.title.as_str())
                 .bind(n.body.as_deref())
-                .fetch_optional(p)
+                .fetch_all(p)
                 .await?;
-            row.as_ref().map(note).transpose()?
+            committed_row(rows).as_ref().map(note).transpose()?
         })
     }
 
@@ -360,18 +380,19 @@ impl Store {
         let set_body = patch.body.is_some();
         let body = patch.body.clone().flatten();
         with_conn!(write self, |p, sql, note| {
-            let row = sqlx::query(sql.patch)
+            let rows = sqlx::query(sql.patch)
                 .bind(id)
                 .bind(title)
                 .bind(set_body)
                 .bind(body.as_deref())
-                .fetch_optional(p)
+                .fetch_all(p)
                 .await?;
-            row.as_ref().map(note).transpose()?
+            committed_row(rows).as_ref().map(note).transpose()?
         })
     }
 
-    /// `true` when a note was deleted.
+    /// `true` when a note was deleted. `execute` steps the statement to its
+    /// end, so the commit's outcome is its result.
     pub async fn delete_note(&self, id: i64) -> Result<bool, StoreError> {
         with_conn!(write self, |p, sql, note| {
             sqlx::query(sql.delete)
