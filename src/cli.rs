@@ -91,6 +91,14 @@ pub(crate) enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Take this host out of rotation: /readyz answers 503 "draining" from now on while everything keeps serving (--undo reverts)
+    Drain {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Revert: /readyz answers as usual again
+        #[arg(long)]
+        undo: bool,
+    },
     /// GET /healthz over the unix socket: exit 0 healthy, 1 not
     Healthcheck {
         #[command(flatten)]

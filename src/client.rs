@@ -1,4 +1,5 @@
-//! The small clients behind `notesd status`, `notesd reload` and `notesd healthcheck`.
+//! The small clients behind `notesd status`, `notesd reload`, `notesd drain` and
+//! `notesd healthcheck`.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -83,6 +84,17 @@ pub fn reload(control: &Path) -> Result<ReloadAnswer, ClientError> {
             detail: "the master closed the connection without an answer (did it exit?)".into(),
         });
     }
+    decode(control, &body)
+}
+
+/// `notesd drain` (`undo`: `--undo`): the master's answer.
+pub fn drain(control: &Path, undo: bool) -> Result<ReloadAnswer, ClientError> {
+    let command = if undo {
+        Command::Undrain
+    } else {
+        Command::Drain
+    };
+    let body = ask(control, command, Duration::from_secs(5))?;
     decode(control, &body)
 }
 

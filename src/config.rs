@@ -34,6 +34,12 @@ pub struct ServerConfig {
     pub max_requests: u64,
     pub max_requests_jitter: u64,
     pub backlog: u32,
+    /// s: on TERM, `/readyz` answers 503 and the workers keep accepting this
+    /// long before the stop begins (a load balancer's time to stop sending).
+    /// Left out of what a master hands to workers and to its re-exec'd self
+    /// while 0, so binaries from before the key still take those documents.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub shutdown_delay: u64,
     pub pidfile: Option<PathBuf>,
     pub control_socket: PathBuf,
     pub user: Option<String>,
@@ -53,6 +59,7 @@ impl Default for ServerConfig {
             max_requests: 0,
             max_requests_jitter: 0,
             backlog: 2048,
+            shutdown_delay: 0,
             pidfile: None,
             control_socket: PathBuf::from("/run/notesd/control.sock"),
             user: None,
@@ -66,6 +73,11 @@ impl Default for ServerConfig {
 pub struct DatabaseConfig {
     pub url: String,
     pub max_connections: u32,
+    /// A direct URL for `notesd migrate` (and `migrate_on_start`), when `url`
+    /// goes through a pooler that cannot hold a session (PgBouncer in
+    /// transaction pooling). Not sent while unset, as `shutdown_delay`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migrate_url: Option<String>,
     pub migrate_on_start: bool,
 }
 
@@ -78,6 +90,7 @@ impl Default for DatabaseConfig {
             // INSERTs for PostgreSQL's group commit (POST on 2 cores: 4 → 8
             // per worker, 9.1–10.9k → 13.0–13.9k req/s; docs/design.md §2).
             max_connections: 8,
+            migrate_url: None,
             migrate_on_start: false,
         }
     }
@@ -212,6 +225,10 @@ pub struct Overrides {
     pub bind: Vec<String>,
     pub workers: Option<u32>,
     pub database_url: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A parsed `server.bind` entry.
@@ -397,6 +414,7 @@ impl Config {
         p.range("server.graceful_timeout", s.graceful_timeout, 0, 86_400);
         p.range("server.keepalive", s.keepalive, 0, 3_600);
         p.range("server.backlog", u64::from(s.backlog), 1, 65_535);
+        p.range("server.shutdown_delay", s.shutdown_delay, 0, 3_600);
         if s.max_requests == 0 && s.max_requests_jitter > 0 {
             p.add(
                 "server.max_requests_jitter",
@@ -426,6 +444,16 @@ impl Config {
         let d = &self.database;
         if let Err(e) = Backend::from_url(&d.url) {
             p.add("database.url", e);
+        }
+        if let Some(m) = &d.migrate_url {
+            match (Backend::from_url(m), Backend::from_url(&d.url)) {
+                (Err(e), _) => p.add("database.migrate_url", e),
+                (Ok(a), Ok(b)) if a != b => p.add(
+                    "database.migrate_url",
+                    "names another kind of database than database.url",
+                ),
+                _ => {}
+            }
         }
         p.range(
             "database.max_connections",
@@ -497,6 +525,18 @@ impl Config {
 
     pub fn graceful_timeout(&self) -> Duration {
         Duration::from_secs(self.server.graceful_timeout)
+    }
+
+    pub fn shutdown_delay(&self) -> Duration {
+        Duration::from_secs(self.server.shutdown_delay)
+    }
+
+    /// The URL `notesd migrate` connects to: `database.migrate_url`, else `database.url`.
+    pub fn migrate_url(&self) -> &str {
+        self.database
+            .migrate_url
+            .as_deref()
+            .unwrap_or(&self.database.url)
     }
 
     /// The unix socket `healthcheck` talks to: the first unix bind.

@@ -238,7 +238,13 @@ pub(crate) fn from_systemd() -> Result<Vec<Listener>, ListenError> {
         let storage: SockaddrStorage =
             socket::getsockname(raw).map_err(|e| io_err("getsockname", &name, e))?;
         let bind = if let Some(u) = storage.as_unix_addr() {
-            Bind::Unix(u.path().map(Path::to_path_buf).unwrap_or_default())
+            Bind::Unix(unix_name(u).ok_or_else(|| {
+                io_err(
+                    "an unnamed unix socket",
+                    &name,
+                    io::Error::other("a listening socket needs a path or an abstract name"),
+                )
+            })?)
         } else if let Some(v4) = storage.as_sockaddr_in() {
             Bind::Tcp(std::net::SocketAddr::V4((*v4).into()))
         } else if let Some(v6) = storage.as_sockaddr_in6() {
@@ -257,6 +263,20 @@ pub(crate) fn from_systemd() -> Result<Vec<Listener>, ListenError> {
         });
     }
     Ok(out)
+}
+
+/// A unix socket's name as a bind path: its file's path, or `@name` for an
+/// abstract one (`ListenStream=@name`), which `unix:@name` names again in a
+/// handover record. notesd never binds, chmods or unlinks a socket it was
+/// passed, so the `@` is only ever read back, never used as a file.
+fn unix_name(u: &UnixAddr) -> Option<PathBuf> {
+    if let Some(path) = u.path() {
+        return Some(path.to_path_buf());
+    }
+    let name = u.as_abstract()?;
+    let mut text = std::ffi::OsString::from("@");
+    text.push(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name));
+    Some(PathBuf::from(text))
 }
 
 fn unlink_if_ours(path: &Path, (dev, ino): (u64, u64)) {
@@ -310,6 +330,17 @@ mod tests {
         third.cleanup();
         assert!(!path.exists());
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_abstract_socket_has_a_name_that_parses_back() {
+        let addr = UnixAddr::new_abstract(b"notesd-test").expect("abstract address");
+        let path = unix_name(&addr).expect("a name");
+        let bind = Bind::Unix(path);
+        assert_eq!(bind.to_string(), "unix:@notesd-test");
+        assert_eq!(Bind::parse(&bind.to_string()), Ok(bind));
+        let file = UnixAddr::new("/run/x.sock").expect("path address");
+        assert_eq!(unix_name(&file), Some(PathBuf::from("/run/x.sock")));
     }
 
     #[test]

@@ -92,14 +92,9 @@ fn check(c: ConfigArg) -> i32 {
 }
 
 fn handover_check() -> i32 {
-    match notesd::master::handover::check_from_env() {
-        Ok(record) => {
-            println!(
-                "notesd {} can take over from notesd {} (handover record {})",
-                notesd::VERSION,
-                record.from,
-                record.version
-            );
+    match notesd::master::check_handover() {
+        Ok(message) => {
+            println!("{message}");
             exit::OK
         }
         Err(e) => {
@@ -191,6 +186,16 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
                 Err(Exit(exit::FAILURE, answer.message).into())
             }
         }
+        Command::Drain { config, undo } => {
+            let cfg = load(&overrides(config))?;
+            let answer = notesd::client::drain(&cfg.server.control_socket, undo)?;
+            if answer.ok {
+                println!("notesd: {}", answer.message);
+                Ok(exit::OK)
+            } else {
+                Err(Exit(exit::FAILURE, answer.message).into())
+            }
+        }
         Command::Healthcheck { config, socket } => {
             let socket = match socket {
                 Some(s) => s,
@@ -241,15 +246,20 @@ fn as_master(
 }
 
 async fn migrate(cfg: &Config, status_only: bool) -> anyhow::Result<i32> {
+    // `database.migrate_url` when set (a direct URL beside a pooler), else `database.url`.
+    let database = notesd::config::DatabaseConfig {
+        url: cfg.migrate_url().to_string(),
+        ..cfg.database.clone()
+    };
     // SQLite: serialize with any other migrate before even connecting (held to the end).
-    let _lock = match sqlite_file(cfg) {
+    let _lock = match sqlite_file(&database.url) {
         Some(db) => Some(store::migrate::lock_sqlite(&db).context("migrate")?),
         None => None,
     };
-    let store = Store::connect(&cfg.database, Purpose::Migrate, Duration::from_secs(10))
+    let store = Store::connect(&database, Purpose::Migrate, Duration::from_secs(10))
         .await
         .context("migrate")?;
-    let target = store::redact(&cfg.database.url);
+    let target = store::redact(&database.url);
     if !status_only {
         let applied = store::migrate::run(&store).await.context("migrate")?;
         if applied.is_empty() {
@@ -287,8 +297,8 @@ async fn migrate(cfg: &Config, status_only: bool) -> anyhow::Result<i32> {
 }
 
 /// The SQLite database file (for the migration lock), if the URL is SQLite.
-fn sqlite_file(cfg: &Config) -> Option<PathBuf> {
-    let rest = cfg.database.url.strip_prefix("sqlite:")?;
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
     let rest = rest.strip_prefix("//").unwrap_or(rest);
     let path = rest.split('?').next().unwrap_or(rest);
     (!path.is_empty()).then(|| PathBuf::from(path))
@@ -296,10 +306,15 @@ fn sqlite_file(cfg: &Config) -> Option<PathBuf> {
 
 fn print_status(st: &notesd::master::control::Status) {
     println!(
-        "master {} ({}) — {} — generation {} — {}/{} workers — up {:.0} s — {} restarts — config {}",
+        "master {} ({}) — {}{} — generation {} — {}/{} workers — up {:.0} s — {} restarts — config {}",
         st.master_pid,
         st.version,
         st.phase,
+        if st.draining {
+            " (drained: /readyz 503)"
+        } else {
+            ""
+        },
         st.generation,
         st.workers.iter().filter(|w| w.state == "ready").count(),
         st.target_workers,

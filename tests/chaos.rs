@@ -14,11 +14,13 @@
 //!    the log names the long request, not "idle".
 //! 5. SIGKILL of the master: no worker alive 1 s later; `serve` restarts over
 //!    the stale socket and nginx recovers without a restart.
-//! 6. PostgreSQL refusing connections for 10 s: 503s (no other 5xx, no hang),
+//! 6. TERM under load (no socket activation): the only failures are nginx's
+//!    502s for connects after the socket path went; nothing sent is reset.
+//! 7. PostgreSQL refusing connections for 10 s: 503s (no other 5xx, no hang),
 //!    no worker death, the first success ≤ 2 s after it is back.
-//! 7. Every test that POSTs checks that every note acknowledged with a 201
+//! 8. Every test that POSTs checks that every note acknowledged with a 201
 //!    is there at the end (0 lost writes).
-//! 8. During the HUPs and the recycling, `/metrics` is scraped every 10 ms
+//! 9. During the HUPs and the recycling, `/metrics` is scraped every 10 ms
 //!    on the socket: no counter ever goes backwards (Prometheus would read a
 //!    reset).
 //!
@@ -654,7 +656,70 @@ fn a_sigkilled_master_takes_its_workers_and_restarts_over_the_stale_socket() {
 }
 
 // ---------------------------------------------------------------------------
-// 6. PostgreSQL refusing connections for 10 s under load
+// 6. TERM of the master under load
+// ---------------------------------------------------------------------------
+
+/// A graceful stop (TERM, no socket activation) under load through nginx:
+/// the socket path goes first, the workers serve what is queued and in
+/// flight, then close. The only failures are nginx's 502s for connects that
+/// found no socket any more ("No such file or directory"); nothing sent to
+/// notesd is reset or cut short, and every 201'd note is there.
+#[test]
+fn term_under_load_fails_only_connects_after_the_path_is_gone() {
+    let _heavy = heavy();
+    let Some(mut rig) = rig(
+        "chaos_term",
+        |o| o.graceful_timeout = 10,
+        NginxOptions::default(),
+    ) else {
+        return;
+    };
+    let load = MixedLoad::start(rig.nginx.addr(), CONNECTIONS, "term");
+    thread::sleep(Duration::from_millis(1500));
+    let term_at = load.now();
+    rig.server.signal(Signal::SIGTERM);
+    let code = rig.server.expect_exit_code(Duration::from_secs(20));
+    let stopped_at = load.now();
+    thread::sleep(Duration::from_millis(300));
+    let report = load.stop();
+    assert_eq!(code, 0, "TERM exits 0");
+
+    let after_term = |r: &Record| r.end >= term_at && r.outcome == Ok(502);
+    let failures = report.failures(after_term);
+    let errors = rig.nginx.error_log_text();
+    let not_connects: Vec<&str> = errors
+        .lines()
+        .filter(|l| l.contains("[error]") || l.contains("[crit]"))
+        .filter(|l| {
+            let refused =
+                l.contains("connect() to unix:") && l.contains("No such file or directory");
+            !refused && !l.contains("no live upstreams")
+        })
+        .collect();
+    let refused = report.records.iter().filter(|r| after_term(r)).count();
+    eprintln!(
+        "CHAOS term: stop_took_ms={} refused_after_the_path_went={refused} other_failures={} {} {}",
+        stopped_at.saturating_sub(term_at).as_millis(),
+        failures.len(),
+        report.summary(),
+        nginx_figures(&rig.nginx)
+    );
+    assert!(
+        failures.is_empty(),
+        "requests failed other than by a refused connect after TERM:\n{}",
+        list(&failures, 20)
+    );
+    assert!(
+        not_connects.is_empty(),
+        "nginx saw upstream failures other than the missing socket path:\n{}",
+        not_connects.join("\n")
+    );
+    rig.server.restart();
+    assert_no_lost_writes("term", &rig.server, &report.created());
+}
+
+// ---------------------------------------------------------------------------
+// 7. PostgreSQL refusing connections for 10 s under load
 // ---------------------------------------------------------------------------
 
 /// `http.request_timeout` of the outage test.

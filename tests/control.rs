@@ -240,7 +240,7 @@ fn an_unknown_control_request_is_answered_with_what_is_understood() {
     assert!(
         v["message"]
             .as_str()
-            .is_some_and(|m| m.contains("\"status\" or \"reload\"")),
+            .is_some_and(|m| m.contains("\"status\", \"reload\", \"drain\" or \"undrain\"")),
         "{v}"
     );
     assert_eq!(server.status()["phase"], "running");

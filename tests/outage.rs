@@ -464,3 +464,97 @@ fn database_unreachable_or_hanging_is_503_then_recovers() {
     drop(server);
     drop(proxy);
 }
+
+// ---------------------------------------------------------------------------
+// The list cache's commit-token query, when the pool is exhausted
+// ---------------------------------------------------------------------------
+
+/// The worker's one pool connection is held by a POST waiting on a table
+/// lock; list requests pile up behind the list cache's commit-token query,
+/// which cannot get a connection either. Its failure is shared: every list
+/// request gets its 503 when that one query times out (the pool's 2 s),
+/// not one after another (the k-th used to wait k × 2 s: 12 s for the 6th).
+#[test]
+fn list_requests_share_the_failure_of_the_token_query() {
+    let Some(server) = start(Backend::Postgres, "token_failure", |o| {
+        o.workers = 1;
+        o.database_extra = "max_connections = 1".into();
+        o.extra_toml = "[http]\nrequest_timeout = 30\n".into();
+    }) else {
+        return;
+    };
+    let db = server
+        .db
+        .pg
+        .as_ref()
+        .expect("a PostgreSQL database")
+        .name
+        .clone();
+    let _ = server.create(&json!({"title": "warm"}));
+    let mut locker = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "5432",
+            "-U",
+            "postgres",
+            "-d",
+            &db,
+        ])
+        .args([
+            "-c",
+            "BEGIN; LOCK TABLE notes IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(8); COMMIT;",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql holding the lock");
+    thread::sleep(Duration::from_millis(500));
+    let socket: PathBuf = server.socket().to_path_buf();
+    let post = {
+        let socket = socket.clone();
+        thread::spawn(move || timed(&socket, "POST", "/api/notes", Some(r#"{"title":"waits"}"#)))
+    };
+    thread::sleep(Duration::from_millis(300));
+    let lists: Vec<_> = (0..6)
+        .map(|_| {
+            let socket = socket.clone();
+            let t = thread::spawn(move || timed(&socket, "GET", "/api/notes", None));
+            thread::sleep(Duration::from_millis(20));
+            t
+        })
+        .collect();
+    let answers: Vec<(Response, Duration)> = lists
+        .into_iter()
+        .map(|t| t.join().expect("a list request"))
+        .collect();
+    let slowest = answers.iter().map(|(_, d)| *d).max().unwrap_or_default();
+    eprintln!(
+        "OUTAGE token query: list answers {:?}",
+        answers
+            .iter()
+            .map(|(r, d)| (r.status, d.as_millis()))
+            .collect::<Vec<_>>()
+    );
+    for (resp, _) in &answers {
+        assert_eq!(
+            not_503(resp),
+            None,
+            "a list request with no connection to get"
+        );
+    }
+    assert!(
+        slowest < Duration::from_millis(4500),
+        "every list request answered within about one pool timeout, the slowest took {slowest:?}"
+    );
+    let _ = locker.wait();
+    let (resp, _) = post.join().expect("the POST");
+    assert_eq!(
+        resp.status, 201,
+        "the POST commits once the lock is gone: {resp:?}"
+    );
+    assert_eq!(server.get_path("/api/notes").status, 200);
+}

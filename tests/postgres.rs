@@ -209,3 +209,107 @@ fn a_unix_socket_url_must_name_the_role_even_one_named_like_the_os_user() {
         psql_ok("postgres", &format!("DROP ROLE {quoted}"));
     }
 }
+
+/// `notesd migrate` through PgBouncer in transaction pooling (Debian 12's
+/// 1.18): session state does not survive a transaction there, so a session
+/// advisory lock would stay behind on some server connection and a second
+/// transaction may land on another. A migrate is one transaction (its lock
+/// transaction-scoped): two at once through the pooler apply the schema
+/// exactly once and both exit 0, and `--status` works through it too.
+/// `database.migrate_url` points migrate elsewhere: with `url` unreachable,
+/// migrate still succeeds on the direct URL.
+#[test]
+fn migrate_through_a_transaction_pooler_and_migrate_url() {
+    use common::hosts::{PgBouncer, PgCluster, require_root};
+    if !require_root("a PgBouncer of the test's own") {
+        return;
+    }
+    let Some(cluster) = PgCluster::start("pgb_migrate") else {
+        return;
+    };
+    cluster.sql("postgres", "CREATE DATABASE notesd");
+    let Some(bouncer) = PgBouncer::start(&cluster, "notesd", "transaction", 4) else {
+        return;
+    };
+    let dir = TempDir::new("pgb_migrate");
+    let config = |name: &str, url: &str, migrate_url: Option<&str>| {
+        let path = dir.join(&format!("{name}.toml"));
+        let extra = migrate_url
+            .map(|u| format!("migrate_url = {}\n", toml_str(u)))
+            .unwrap_or_default();
+        let text = format!("[database]\nurl = {}\n{extra}", toml_str(url));
+        std::fs::write(&path, text).expect("write config");
+        path
+    };
+    let migrate = |cfg: &std::path::Path, status: bool| {
+        let cfg = cfg.to_str().expect("utf-8").to_string();
+        let mut args = vec!["migrate".to_string(), "-c".to_string(), cfg];
+        if status {
+            args.push("--status".into());
+        }
+        run_with_timeout(notesd_cmd(&args), Duration::from_secs(60))
+    };
+    let through = config("through", &bouncer.url("notesd"), None);
+    let both: Vec<_> = (0..2)
+        .map(|_| {
+            let cfg = through.clone();
+            std::thread::spawn(move || migrate(&cfg, false))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("migrate"))
+        .collect();
+    for out in &both {
+        assert_eq!(out.code, Some(0), "through the pooler: {}", out.describe());
+    }
+    let applied = both
+        .iter()
+        .filter(|o| o.stdout.contains("applied migrations"))
+        .count();
+    assert_eq!(
+        applied,
+        1,
+        "exactly one applied: {:?}",
+        both.iter().map(|o| &o.stdout).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        cluster.sql(
+            "notesd",
+            "SELECT count(*) FROM _sqlx_migrations WHERE success"
+        ),
+        "1"
+    );
+    assert_eq!(
+        cluster.sql(
+            "notesd",
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        ),
+        "0",
+        "no lock left behind on a pooled server connection"
+    );
+    let status = migrate(&through, true);
+    assert_eq!(status.code, Some(0), "{}", status.describe());
+    assert!(
+        status.stdout.contains("schema is current"),
+        "{}",
+        status.describe()
+    );
+
+    // migrate_url: what migrate connects to, whatever url says.
+    let unreachable = "postgres:///notesd?host=/nonexistent&user=postgres";
+    let direct = config("direct", unreachable, Some(&cluster.url("notesd")));
+    let out = migrate(&direct, false);
+    assert_eq!(out.code, Some(0), "migrate_url is used: {}", out.describe());
+    assert!(out.stdout.contains("up to date"), "{}", out.describe());
+    let bad = config("bad", unreachable, Some("mysql://x"));
+    let out = run_with_timeout(
+        notesd_cmd(["check", "-c", bad.to_str().expect("utf-8")]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    assert!(
+        out.stderr.contains("database.migrate_url"),
+        "{}",
+        out.describe()
+    );
+}

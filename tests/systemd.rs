@@ -748,3 +748,86 @@ fn socket_activation_serves_on_the_passed_socket_and_leaves_it_alone() {
         "the activated socket no longer accepts connections"
     );
 }
+
+/// An abstract unix socket from systemd (`ListenStream=@name`), here passed
+/// by `systemd-socket-activate` beside a path one: USR2 used to kill the
+/// master (its handover record named the socket `unix:`, which the new image
+/// could not parse). Now the upgrade goes through, both sockets serve on,
+/// and the probe checks everything the new image will take over.
+#[test]
+fn an_upgrade_keeps_an_abstract_socket_from_systemd() {
+    let Some(activate) = [
+        "/usr/bin/systemd-socket-activate",
+        "/bin/systemd-socket-activate",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists()) else {
+        skip_unless_ci(
+            "systemd-socket-activate",
+            "systemd-socket-activate is not installed",
+            "; apt-get install systemd",
+        );
+        return;
+    };
+    let dir = TempDir::new("abstract");
+    let path = dir.join("act.sock");
+    let name = format!("notesd-test-{}", std::process::id());
+    let mut server = TestServer::spawn(
+        "abstract",
+        TestOptions {
+            wrap: vec![
+                activate.to_string(),
+                format!("--listen=@{name}"),
+                format!("--listen={}", path.display()),
+            ],
+            client_socket: Some(path.clone()),
+            ..TestOptions::default()
+        },
+    );
+    // systemd-socket-activate execs notesd at the first connection.
+    let trigger = poll_until(Duration::from_secs(5), || {
+        UnixStream::connect(&path).is_ok()
+    });
+    assert!(
+        trigger,
+        "systemd-socket-activate listens on {}",
+        path.display()
+    );
+    server.wait_ready();
+    let master = server.master_pid();
+    let s0 = server.status();
+    let get_abstract = || -> Result<String, std::io::Error> {
+        use std::io::{Read, Write};
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        let mut c = UnixStream::connect_addr(&addr)?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        c.read_to_string(&mut text)?;
+        Ok(text)
+    };
+    let before = get_abstract().expect("GET over the abstract socket");
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+    assert!(
+        server.log().contains(&format!("unix:@{name}")),
+        "the log names the abstract socket:\n{}",
+        server.log_tail()
+    );
+
+    server.signal(Signal::SIGUSR2);
+    let s = server.wait_for(
+        "the upgrade's new generation",
+        Duration::from_secs(20),
+        |s| generation(s) > generation(&s0) && is_steady(s, 2) && all_of_current_generation(s),
+    );
+    assert!(server.try_exit_status().is_none(), "the master lives");
+    assert_eq!(s["master_pid"], master, "{s}");
+    assert!(server.log().contains("re-exec'd in place"));
+    let after = get_abstract().expect("GET over the abstract socket after the upgrade");
+    assert!(after.starts_with("HTTP/1.1 200"), "{after}");
+    assert_eq!(server.get("/healthz").status, 200);
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.expect_exit_code(Duration::from_secs(10)), 0);
+    assert!(path.exists(), "systemd's socket path is left alone");
+}

@@ -335,24 +335,28 @@ fn get_over(path: &Path) -> Result<u16, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A test server's `original` config text (bound to the unix socket `a`)
+/// with `bind` replaced by `binds` (unix paths) and `socket_mode` set.
+fn with_binds(a: &Path, original: &str, binds: &[&Path], mode: &str) -> String {
+    let list = binds
+        .iter()
+        .map(|p| toml_str(&format!("unix:{}", p.display())))
+        .collect::<Vec<_>>()
+        .join(", ");
+    original.replacen(
+        &format!("bind = [{}]\n", toml_str(&format!("unix:{}", a.display()))),
+        &format!("bind = [{list}]\nsocket_mode = \"{mode}\"\n"),
+        1,
+    )
+}
+
 #[test]
 fn a_bind_change_takes_effect_on_reload() {
     let mut server = TestServer::start("bind_change", TestOptions::default());
     let a = server.paths.socket.clone();
     let b = server.dir().join("b.sock");
     let original = server.config_text();
-    let with_binds = |binds: &[&Path], mode: &str| {
-        let list = binds
-            .iter()
-            .map(|p| toml_str(&format!("unix:{}", p.display())))
-            .collect::<Vec<_>>()
-            .join(", ");
-        original.replacen(
-            &format!("bind = [{}]\n", toml_str(&format!("unix:{}", a.display()))),
-            &format!("bind = [{list}]\nsocket_mode = \"{mode}\"\n"),
-            1,
-        )
-    };
+    let with_binds = |binds: &[&Path], mode: &str| with_binds(&a, &original, binds, mode);
     let ino = |p: &Path| fs::metadata(p).map(|m| m.ino()).ok();
     let a_ino = ino(&a);
 
@@ -400,4 +404,239 @@ fn a_bind_change_takes_effect_on_reload() {
     assert_eq!(get_over(&b), Ok(200));
     drop(taken);
     server.opts.client_socket = Some(b.clone());
+}
+
+/// Socket changes take effect only with a reload that goes through: one
+/// refused because its second new address cannot be bound changes no mode
+/// and leaves no file of the address it did bind; and a reload back to an
+/// address an older generation still drains on reuses that very socket
+/// (it used to be refused: "already served by a live process").
+#[test]
+fn socket_changes_apply_only_with_a_reload_that_goes_through() {
+    let mut server = TestServer::start(
+        "bind_atomic",
+        TestOptions {
+            graceful_timeout: 15,
+            ..TestOptions::default()
+        },
+    );
+    server.allow_errors();
+    let a = server.paths.socket.clone();
+    let b = server.dir().join("b.sock");
+    let bad = server.dir().join("no/such/dir/c.sock");
+    let original = server.config_text();
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    let a_mode = mode(&a);
+    assert_ne!(a_mode, 0o600);
+
+    server.write_raw_config(&with_binds(&a, &original, &[&a, &b, &bad], "0600"));
+    let out = server.run(&["reload"]);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert!(out.stderr.contains("cannot listen"), "{}", out.describe());
+    assert_eq!(
+        mode(&a),
+        a_mode,
+        "a refused reload changes no socket's mode"
+    );
+    assert!(
+        !b.exists(),
+        "the address the refused reload had bound is gone"
+    );
+    assert_eq!(get_over(&a), Ok(200));
+
+    // a → b while a request still runs on a generation-1 worker, then back
+    // to a while that worker drains.
+    let slow = {
+        let a = a.clone();
+        thread::spawn(move || {
+            let mut c = HttpConn::connect(&a).expect("connect");
+            c.request("GET", "/debug/sleep?ms=5000", &[])
+                .map(|r| r.status)
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    server.write_raw_config(&with_binds(&a, &original, &[&b], "0660"));
+    let out = server.run(&["reload"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(a.exists(), "a is kept while generation 1 drains on it");
+    server.write_raw_config(&with_binds(&a, &original, &[&a], "0600"));
+    let out = server.run(&["reload"]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "back to a while it drains: {}",
+        out.describe()
+    );
+    assert_eq!(get_over(&a), Ok(200));
+    assert_eq!(mode(&a), 0o600, "the completed reload's mode");
+    assert_eq!(slow.join().expect("slow request").ok(), Some(200));
+    assert!(
+        poll_until(Duration::from_secs(10), || !b.exists()),
+        "b goes once its generation drained"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Signals and control clients across an upgrade
+// ---------------------------------------------------------------------------
+
+/// A wrapper at the master's binary path that runs this build, keeping its
+/// own path as argv[0] (so the master re-execs, and spawns workers through,
+/// the wrapper), with `probe_s` seconds of sleep before `handover-check`
+/// and `worker_s` before each worker: a slow probe, a slow reload.
+fn slow_wrapper(name: &str, probe_s: f64, worker_s: f64) -> Installed {
+    let installed = Installed::new(name);
+    installed.put_script(&format!(
+        "#!/bin/bash\ncase \"$1\" in\n  handover-check) sleep {probe_s} ;;\n  worker) sleep {worker_s} ;;\nesac\nexec -a \"$0\" {BIN} \"$@\"\n"
+    ));
+    installed
+}
+
+/// A TERM during an upgrade used to be lost (the handler's flag went with
+/// the exec'd image): 8 s later generation 2 still served. Now a stop that
+/// arrives during the probe cancels the upgrade and stops the service
+/// within `graceful_timeout` + 2 s.
+#[test]
+fn a_term_during_an_upgrade_stops_the_service() {
+    let installed = slow_wrapper("term_upgrade_bin", 3.0, 0.0);
+    let mut server = TestServer::start(
+        "term_upgrade",
+        TestOptions {
+            exe: Some(installed.path.clone()),
+            ..TestOptions::default()
+        },
+    );
+    // The cancelled upgrade is logged at error level.
+    server.allow_errors();
+    server.signal(Signal::SIGUSR2);
+    thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    server.signal(Signal::SIGTERM);
+    let grace = Duration::from_secs(server.opts.graceful_timeout + 2);
+    let code = server.expect_exit_code(grace);
+    eprintln!(
+        "UPGRADE term during the probe: exit {code} after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(code, 0);
+    assert!(
+        server.log().contains("arrived during the upgrade"),
+        "the log says why the upgrade was cancelled:\n{}",
+        server.log_tail()
+    );
+}
+
+/// Other signals sent while the probe runs reach the new image: TTIN there
+/// adds its worker.
+#[test]
+fn a_ttin_during_an_upgrade_reaches_the_new_image() {
+    let installed = slow_wrapper("ttin_upgrade_bin", 2.0, 0.0);
+    let server = TestServer::start(
+        "ttin_upgrade",
+        TestOptions {
+            exe: Some(installed.path.clone()),
+            ..TestOptions::default()
+        },
+    );
+    let master = server.master_pid();
+    let s0 = server.status();
+    server.signal(Signal::SIGUSR2);
+    thread::sleep(Duration::from_millis(700));
+    server.signal(Signal::SIGTTIN);
+    let s = server.wait_for(
+        "the upgrade, then 3 ready workers",
+        Duration::from_secs(20),
+        |s| generation(s) > generation(&s0) && is_steady(s, 3) && all_of_current_generation(s),
+    );
+    assert_eq!(s["master_pid"], master, "{s}");
+    assert!(server.log().contains("re-exec'd in place"));
+}
+
+/// A refusal goes only to the `notesd reload` it answers. A reload under way
+/// (its workers boot slowly) while an invalid config is HUPed and a USR2
+/// asks for an upgrade: both are refused, and the first client still gets
+/// its own reload's outcome, "complete" (it used to get the refusal).
+#[test]
+fn each_waiting_reload_gets_the_answer_to_its_own_reload() {
+    let installed = slow_wrapper("reload_answers_bin", 0.0, 2.0);
+    let mut server = TestServer::start(
+        "reload_answers",
+        TestOptions {
+            exe: Some(installed.path.clone()),
+            ..TestOptions::default()
+        },
+    );
+    // The refusals are logged at error level.
+    server.allow_errors();
+    let client = server.client_config_path();
+    let first =
+        thread::spawn(move || run_notesd(&["reload", "-c", client.to_str().expect("utf-8 path")]));
+    server.wait_for("the reload under way", Duration::from_secs(5), |s| {
+        s["phase"] == "reloading"
+    });
+    let good = server.config_text();
+    server.write_raw_config("[server\nthis is not toml");
+    server.signal(Signal::SIGHUP);
+    server.wait_for_log_line(0, "about the refusal", Duration::from_secs(5), |l| {
+        l.contains("reload refused")
+    });
+    server.write_raw_config(&good);
+    server.signal(Signal::SIGUSR2);
+    server.wait_for_log_line(
+        0,
+        "about the refused upgrade",
+        Duration::from_secs(5),
+        |l| l.contains("cannot upgrade in place") && l.contains("a reload is under way"),
+    );
+    let out = first.join().expect("the reload client");
+    assert_eq!(
+        out.code,
+        Some(0),
+        "its own reload completed: {}",
+        out.describe()
+    );
+    assert!(out.stdout.contains("reload complete"), "{}", out.describe());
+}
+
+/// A control client the master had accepted, whose request had not arrived
+/// when the master exec'd, is answered by the new image (it used to find its
+/// connection closed); one that connects during the probe too.
+#[test]
+fn a_control_client_caught_by_the_exec_is_answered_by_the_new_image() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let installed = slow_wrapper("client_exec_bin", 2.0, 0.0);
+    let server = TestServer::start(
+        "client_exec",
+        TestOptions {
+            exe: Some(installed.path.clone()),
+            ..TestOptions::default()
+        },
+    );
+    let master = server.master_pid();
+    let mut early = UnixStream::connect(&server.paths.control).expect("connect");
+    early
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    thread::sleep(Duration::from_millis(300));
+    server.signal(Signal::SIGUSR2);
+    thread::sleep(Duration::from_millis(500));
+    let client = server.client_config_path();
+    let during = thread::spawn(move || {
+        run_notesd(&[
+            "status",
+            "--json",
+            "-c",
+            client.to_str().expect("utf-8 path"),
+        ])
+    });
+    early.write_all(b"status\n").expect("send");
+    let mut answer = String::new();
+    early.read_to_string(&mut answer).expect("read the answer");
+    let v: Value = serde_json::from_str(&answer)
+        .unwrap_or_else(|e| panic!("a status answer, not {answer:?}: {e}"));
+    assert_eq!(v["master_pid"], master, "{v}");
+    let out = during.join().expect("status client");
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(server.log().contains("re-exec'd in place"));
 }

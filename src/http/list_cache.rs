@@ -22,7 +22,7 @@
 //! workers and hosts. `list_cache_ms = 0` turns the cache off.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -56,11 +56,32 @@ struct Entry {
 pub(crate) struct ListCache {
     ttl: Duration,
     pages: Mutex<Pages>,
-    /// The last commit token read, and when its query started. One token
-    /// query runs at a time per worker: a request reuses the result of one
-    /// that started after it arrived (that token is as new as one of its own),
-    /// so under load one round trip answers a whole batch of list requests.
-    token: tokio::sync::Mutex<Option<(Instant, CommitToken)>>,
+    /// The last commit-token query: when it started and ended, and what it
+    /// gave. One token query runs at a time per worker: a request reuses a
+    /// token whose query started after it arrived (that token is as new as
+    /// one of its own), so under load one round trip answers a whole batch
+    /// of list requests; and a request reuses a *failure* that ended after it
+    /// arrived, so a pool exhausted or a database down answers every waiting
+    /// request at once instead of each running its own doomed query in turn
+    /// (the k-th used to wait k × the pool's 2 s).
+    token: tokio::sync::Mutex<Option<TokenQuery>>,
+}
+
+struct TokenQuery {
+    started: Instant,
+    ended: Instant,
+    result: Result<CommitToken, Arc<StoreError>>,
+}
+
+impl TokenQuery {
+    /// What this query says to a request that arrived at `since`, if anything.
+    fn answers(&self, since: Instant) -> Option<Result<CommitToken, StoreError>> {
+        match &self.result {
+            Ok(token) if self.started >= since => Some(Ok(token.clone())),
+            Err(e) if self.ended >= since => Some(Err(StoreError::Shared(e.clone()))),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -80,22 +101,25 @@ impl ListCache {
     }
 
     /// A commit token read after `since` (the request's arrival): every
-    /// transaction committed before `since` is behind it.
+    /// transaction committed before `since` is behind it. Or the failure of
+    /// a token query that was still running when the request arrived.
     pub(crate) async fn token(
         &self,
         store: &Store,
         since: Instant,
     ) -> Result<CommitToken, StoreError> {
         let mut last = self.token.lock().await;
-        if let Some((started, token)) = &*last
-            && *started >= since
-        {
-            return Ok(token.clone());
+        if let Some(answer) = last.as_ref().and_then(|q| q.answers(since)) {
+            return answer;
         }
         let started = Instant::now();
-        let token = store.commit_token().await?;
-        *last = Some((started, token.clone()));
-        Ok(token)
+        let result = store.commit_token().await.map_err(Arc::new);
+        *last = Some(TokenQuery {
+            started,
+            ended: Instant::now(),
+            result: result.clone(),
+        });
+        result.map_err(StoreError::Shared)
     }
 
     pub(crate) fn enabled(&self) -> bool {
@@ -172,7 +196,7 @@ impl ListCache {
 mod tests {
     use super::*;
 
-    const T: CommitToken = CommitToken::Lite(1);
+    const T: CommitToken = CommitToken::Lite(1, 1);
 
     fn page(n: usize) -> Page {
         Page {
@@ -197,6 +221,27 @@ mod tests {
                 .is_none(),
             "too old"
         );
+    }
+
+    #[test]
+    fn a_token_serves_later_requests_only_a_failure_serves_those_it_kept_waiting() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let ok = TokenQuery {
+            started: ms(100),
+            ended: ms(300),
+            result: Ok(T),
+        };
+        assert!(matches!(ok.answers(ms(100)), Some(Ok(_))));
+        assert!(ok.answers(ms(150)).is_none(), "arrived after it started");
+        let failed = TokenQuery {
+            started: ms(100),
+            ended: ms(2100),
+            result: Err(Arc::new(StoreError::Query(sqlx::Error::PoolTimedOut))),
+        };
+        let shared = failed.answers(ms(1500)).expect("kept waiting by it");
+        assert!(shared.is_err_and(|e| e.is_unavailable()));
+        assert!(failed.answers(ms(2200)).is_none(), "arrived after it ended");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 pub(crate) use error::ApiError;
 
-use crate::scoreboard::{Route, Slot};
+use crate::scoreboard::{Flags, Route, Slot};
 use crate::store::Store;
 
 pub(crate) type Body = Full<Bytes>;
@@ -150,7 +150,20 @@ pub(crate) async fn route(
     }
 }
 
+/// Ready to take traffic: not stopping, not drained (`notesd drain`), and
+/// the database answers `SELECT 1` within a second.
 async fn readyz(app: &AppState) -> Response<Body> {
+    let flags = app.slot.board().flags();
+    let unready = if flags.has(Flags::STOPPING) {
+        Some(&br#"{"ok":false,"error":"shutting down"}"#[..])
+    } else if flags.has(Flags::DRAIN) {
+        Some(&br#"{"ok":false,"error":"draining"}"#[..])
+    } else {
+        None
+    };
+    if let Some(body) = unready {
+        return json_response(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(body));
+    }
     match app.store.ping(Duration::from_secs(1)).await {
         Ok(()) => json(StatusCode::OK, &serde_json::json!({"ok": true})),
         Err(e) => json(

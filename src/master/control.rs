@@ -1,8 +1,11 @@
-//! The control socket behind `notesd status` and `notesd reload`.
+//! The control socket behind `notesd status`, `notesd reload` and `notesd drain`.
 //!
 //! Protocol, one request per connection: the client writes one line naming
-//! the command (`status` or `reload`); the master answers with one JSON
-//! document and closes. `status` is answered at once with a [`Status`];
+//! the command (`status`, `reload`, `drain` or `undrain`); the master answers
+//! with one JSON document and closes. `status` is answered at once with a
+//! [`Status`]; `drain`/`undrain` at once with a [`ReloadAnswer`] once the
+//! scoreboard's drain flag is set or cleared (`/readyz` answers 503
+//! "draining" on every worker while it is set);
 //! `reload` is answered with a [`ReloadAnswer`] once the reload it started has
 //! completed, been refused or been abandoned — that wait is what makes
 //! `notesd reload` (the unit's `ExecReload=`) return only when the new
@@ -21,7 +24,7 @@
 //! own user; anyone else gets a refusal, whatever the file's mode.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
@@ -30,8 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ipc;
 use crate::listener::{ListenError, Listener};
-use crate::master::state::{ReloadOutcome, State};
-use crate::scoreboard::Scoreboard;
+use crate::master::state::{ReloadOutcome, State, Ticket};
+use crate::scoreboard::{Flags, Scoreboard};
 
 /// How long a client may take to send its request line, and to read the answer.
 pub const IO_DEADLINE: Duration = Duration::from_secs(5);
@@ -52,6 +55,10 @@ pub struct Status {
     pub restarts: u64,
     pub boot_failures: u64,
     pub config: String,
+    /// `notesd drain` is in effect: `/readyz` answers 503 "draining".
+    /// Absent from an older master's answer.
+    #[serde(default)]
+    pub draining: bool,
     pub workers: Vec<WorkerStatus>,
 }
 
@@ -80,6 +87,20 @@ pub struct RequestStatus {
     pub path: String,
     pub request_id: String,
     pub elapsed_ms: u64,
+}
+
+/// A control client a re-exec hands over in the middle of its request or
+/// answer (see [`Control::handover_clients`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientRecord {
+    /// Its connection, inherited across the exec.
+    pub fd: RawFd,
+    /// Its peer uid, as read at accept.
+    pub uid: Option<u32>,
+    /// What it sent so far of its request line (while reading it).
+    pub request: Vec<u8>,
+    /// What it is still owed of its answer (while writing it; else empty).
+    pub answer: Vec<u8>,
 }
 
 /// The answer to `reload` (and to any refused or unknown request).
@@ -125,6 +146,10 @@ impl ReloadAnswer {
 pub enum Command {
     Status,
     Reload,
+    /// `notesd drain`: `/readyz` answers 503 from now on.
+    Drain,
+    /// `notesd drain --undo`.
+    Undrain,
 }
 
 impl Command {
@@ -132,6 +157,8 @@ impl Command {
         match self {
             Command::Status => b"status\n",
             Command::Reload => b"reload\n",
+            Command::Drain => b"drain\n",
+            Command::Undrain => b"undrain\n",
         }
     }
 
@@ -139,6 +166,8 @@ impl Command {
         match line.trim_ascii() {
             b"status" => Some(Command::Status),
             b"reload" => Some(Command::Reload),
+            b"drain" => Some(Command::Drain),
+            b"undrain" => Some(Command::Undrain),
             _ => None,
         }
     }
@@ -148,8 +177,9 @@ impl Command {
 enum Phase {
     /// Reading the request line.
     Reading(Vec<u8>),
-    /// Waiting for the reload it asked for to end.
-    AwaitingReload,
+    /// Waiting for the reload it asked for to end: the request's ticket,
+    /// once the master has started it (see [`Control::tag_waiters`]).
+    AwaitingReload(Option<Ticket>),
     /// Writing the answer (`at` bytes sent so far).
     Writing {
         answer: Vec<u8>,
@@ -201,7 +231,7 @@ impl Control {
             let events = match c.phase {
                 Phase::Reading(_) => PollFlags::POLLIN,
                 Phase::Writing { .. } => PollFlags::POLLOUT,
-                Phase::AwaitingReload | Phase::Done => PollFlags::empty(),
+                Phase::AwaitingReload(_) | Phase::Done => PollFlags::empty(),
             };
             (c.stream.as_fd(), events)
         }))
@@ -219,7 +249,7 @@ impl Control {
                     tracing::warn!("control socket: unknown request {:?}", unknown);
                     self.clients[i].answer(
                         &ReloadAnswer::failed(format!(
-                            "unknown request {unknown:?} (expected \"status\" or \"reload\")"
+                            "unknown request {unknown:?} (expected \"status\", \"reload\", \"drain\" or \"undrain\")"
                         )),
                         now,
                     );
@@ -233,14 +263,34 @@ impl Control {
         requests
     }
 
-    /// The fds of the clients waiting for a reload (handed over across a re-exec).
-    pub fn reload_waiter_fds(&self) -> Vec<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        self.clients
-            .iter()
-            .filter(|c| matches!(c.phase, Phase::AwaitingReload))
-            .map(|c| c.stream.as_raw_fd())
-            .collect()
+    /// The clients a re-exec hands over: those waiting for a reload (their
+    /// fds; they wait for the reload the new image runs) and every other
+    /// client still being served, with what it sent or is owed, so that a
+    /// client that connected just before the exec is answered by the new
+    /// image instead of finding its connection closed.
+    pub fn handover_clients(&self) -> (Vec<RawFd>, Vec<ClientRecord>) {
+        let mut waiters = Vec::new();
+        let mut others = Vec::new();
+        for c in &self.clients {
+            let fd = c.stream.as_raw_fd();
+            match &c.phase {
+                Phase::AwaitingReload(_) => waiters.push(fd),
+                Phase::Reading(request) => others.push(ClientRecord {
+                    fd,
+                    uid: c.uid,
+                    request: request.clone(),
+                    answer: Vec::new(),
+                }),
+                Phase::Writing { answer, at } => others.push(ClientRecord {
+                    fd,
+                    uid: c.uid,
+                    request: Vec::new(),
+                    answer: answer[*at..].to_vec(),
+                }),
+                Phase::Done => {}
+            }
+        }
+        (waiters, others)
     }
 
     /// A client handed over by the previous image, waiting for the reload.
@@ -249,16 +299,45 @@ impl Control {
             stream,
             // It was checked when it asked.
             uid: Some(0),
-            phase: Phase::AwaitingReload,
+            phase: Phase::AwaitingReload(None),
             deadline: None,
         });
     }
 
-    /// A reload ended: answer everyone waiting for one.
-    pub fn reload_done(&mut self, outcome: &ReloadOutcome, now: Duration) {
+    /// A client handed over by the previous image in the middle of its
+    /// request or its answer: it carries on here, with a fresh deadline.
+    pub fn adopt_client(&mut self, stream: UnixStream, record: &ClientRecord, now: Duration) {
+        let phase = if record.answer.is_empty() {
+            Phase::Reading(record.request.clone())
+        } else {
+            Phase::Writing {
+                answer: record.answer.clone(),
+                at: 0,
+            }
+        };
+        self.clients.push(Client {
+            stream,
+            uid: record.uid,
+            phase,
+            deadline: Some(now + IO_DEADLINE),
+        });
+    }
+
+    /// The reload `ticket` has started: the clients that asked for one and
+    /// wait untagged wait for this one.
+    pub fn tag_waiters(&mut self, ticket: Ticket) {
+        for c in &mut self.clients {
+            if let Phase::AwaitingReload(t @ None) = &mut c.phase {
+                *t = Some(ticket);
+            }
+        }
+    }
+
+    /// Reload requests ended: answer the clients waiting for one of `tickets`.
+    pub fn reload_done(&mut self, tickets: &[Ticket], outcome: &ReloadOutcome, now: Duration) {
         let answer = ReloadAnswer::from_outcome(outcome);
         for c in &mut self.clients {
-            if matches!(c.phase, Phase::AwaitingReload) {
+            if matches!(c.phase, Phase::AwaitingReload(Some(t)) if tickets.contains(&t)) {
                 c.answer(&answer, now);
                 c.flush();
             }
@@ -334,9 +413,27 @@ impl Control {
         }
         match command {
             Command::Status => client.answer(&status(state, board, now), now),
+            Command::Drain | Command::Undrain => {
+                let on = command == Command::Drain;
+                board.set_flag(Flags::DRAIN, on);
+                let message = if on {
+                    "draining: /readyz answers 503 \"draining\" on every worker; everything else keeps serving (`notesd drain --undo` reverts)"
+                } else {
+                    "drain undone: /readyz answers as usual"
+                };
+                tracing::info!("{message} (over the control socket)");
+                client.answer(
+                    &ReloadAnswer {
+                        ok: true,
+                        generation: None,
+                        message: message.to_string(),
+                    },
+                    now,
+                );
+            }
             Command::Reload => {
                 tracing::info!("reload requested over the control socket");
-                client.phase = Phase::AwaitingReload;
+                client.phase = Phase::AwaitingReload(None);
                 client.deadline = None;
                 requests.reload = true;
             }
@@ -421,7 +518,7 @@ impl Client {
             self.phase = Phase::Done;
             return;
         }
-        if matches!(self.phase, Phase::AwaitingReload) && peer_hung_up(self.stream.as_fd()) {
+        if matches!(self.phase, Phase::AwaitingReload(_)) && peer_hung_up(self.stream.as_fd()) {
             tracing::info!("control socket: a client stopped waiting for its reload");
             self.phase = Phase::Done;
         }
@@ -493,6 +590,7 @@ pub fn status(state: &State, board: &Scoreboard, now: Duration) -> Status {
         restarts: state.restarts,
         boot_failures: state.boot_failures,
         config: state.config().source.to_string(),
+        draining: board.flags().has(Flags::DRAIN),
         workers,
     }
 }
@@ -532,7 +630,12 @@ mod tests {
         assert_eq!(Command::parse(b" reload \r"), Some(Command::Reload));
         assert_eq!(Command::parse(b""), None);
         assert_eq!(Command::parse(b"reload now"), None);
-        for c in [Command::Status, Command::Reload] {
+        for c in [
+            Command::Status,
+            Command::Reload,
+            Command::Drain,
+            Command::Undrain,
+        ] {
             assert_eq!(Command::parse(c.line()), Some(c));
         }
     }

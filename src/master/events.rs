@@ -88,6 +88,25 @@ impl Signals {
         self.read.as_fd()
     }
 
+    /// Before a re-exec, with the master's signals blocked (see
+    /// `handover::Blocked`): the signals whose handlers ran since the last
+    /// [`take`](Self::take) live only in this image's memory and would be
+    /// lost with it; raise each again, so that it stays pending and reaches
+    /// the new image's handlers (or these ones, should the exec not happen).
+    pub(crate) fn carry_over(&self) -> Vec<Signal> {
+        SIGNAL_TABLE
+            .iter()
+            .zip(&self.flags)
+            .filter(|(_, f)| f.swap(false, Ordering::AcqRel))
+            .map(|((sig, _), _)| {
+                if let Err(e) = nix::sys::signal::kill(nix::unistd::getpid(), *sig) {
+                    tracing::warn!("cannot keep {sig} pending across the upgrade: {e}");
+                }
+                *sig
+            })
+            .collect()
+    }
+
     /// Signals that arrived since the last call, in table order.
     pub(crate) fn take(&self) -> Vec<MasterSignal> {
         let mut buf = [0u8; 64];

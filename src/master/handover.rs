@@ -16,9 +16,13 @@
 //!    on the very record: it must parse it and accept its version. A binary
 //!    that cannot (too old or too new, not executable, crashing, hanging) is
 //!    refused there; nothing has happened yet and the old master serves on.
-//! 2. Signals are blocked across the exec: a TERM or CHLD meanwhile stays
-//!    pending instead of killing the half-started image, and is delivered once
-//!    the new image has its handlers.
+//! 2. The master's signals are blocked from before the record is written
+//!    until the exec ([`Blocked`]), and those whose handlers ran since the
+//!    main loop last looked are raised again (`Signals::carry_over`): every
+//!    TERM, HUP, TTIN … of those moments stays pending and reaches the new
+//!    image's handlers once they are in place — or this image's, if the
+//!    upgrade is refused. A stop (TERM, INT, QUIT) that arrives during the
+//!    probe ends it: the upgrade is cancelled and the stop proceeds at once.
 //! 3. If execve itself fails, the old image is still there: it puts its fds
 //!    back to close-on-exec, unblocks the signals and serves on.
 //! 4. Should the new image die before taking over anyway, the master's PID is
@@ -39,12 +43,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use serde::{Deserialize, Serialize};
 
 use crate::clock;
 use crate::config::Overrides;
 use crate::listener::ListenerRecord;
+use crate::master::control::ClientRecord;
 use crate::master::events::SIGNAL_TABLE;
 use crate::master::state::Snapshot;
 use crate::systemd;
@@ -89,6 +94,11 @@ pub struct Record {
     pub channels: Vec<(i32, RawFd)>,
     /// Control clients waiting for the outcome of the reload that follows.
     pub reload_waiters: Vec<RawFd>,
+    /// Other control clients in the middle of their request or answer.
+    /// Added within version 1: an older record has none, an older image
+    /// ignores them.
+    #[serde(default)]
+    pub control_clients: Vec<ClientRecord>,
     pub pidfile: Option<PathBuf>,
     pub state: Snapshot,
 }
@@ -101,6 +111,7 @@ impl Record {
         fds.push(self.scoreboard_fd);
         fds.extend(self.channels.iter().map(|(_, fd)| *fd));
         fds.extend(&self.reload_waiters);
+        fds.extend(self.control_clients.iter().map(|c| c.fd));
         fds
     }
 }
@@ -140,6 +151,7 @@ pub fn write(record: &Record) -> Result<OwnedFd, HandoverError> {
 }
 
 /// Read and check a record (in `handover-check` and in the new image).
+/// Whether its contents can be taken over is `master::adopt`'s to say.
 pub fn read(fd: BorrowedFd<'_>) -> Result<Record, HandoverError> {
     let err = |e: &dyn std::fmt::Display| HandoverError::Read(e.to_string());
     let mut file = std::fs::File::from(fd.try_clone_to_owned().map_err(|e| err(&e))?);
@@ -169,21 +181,14 @@ fn accepts(version: u64) -> Result<(), HandoverError> {
     Ok(())
 }
 
-/// `notesd handover-check`: the record at `NOTESD_HANDOVER_FD` can be taken.
-pub fn check_from_env() -> Result<Record, HandoverError> {
-    let raw = std::env::var(ENV_FD)
-        .ok()
-        .and_then(|v| v.parse::<RawFd>().ok())
-        .ok_or_else(|| HandoverError::Read(format!("{ENV_FD} names no fd")))?;
-    // SAFETY: only borrowed for the read; the fd was inherited for exactly this.
-    let fd = unsafe { BorrowedFd::borrow_raw(raw) };
-    read(fd)
-}
-
-/// Run `exe handover-check` on the record; Ok if it can take it.
-pub fn probe(exe: &Path, record: &OwnedFd) -> Result<(), HandoverError> {
+/// Run `exe handover-check` on the record, with every fd the record names
+/// inherited, so that it takes them over exactly as the new image will
+/// (`master::adopt`); Ok if it can. A stop signal (TERM, INT, QUIT) that
+/// arrives meanwhile ends the probe at once: the upgrade gives way to it.
+pub fn probe(exe: &Path, record: &OwnedFd, keep: &[RawFd]) -> Result<(), HandoverError> {
     use std::os::unix::process::CommandExt;
     let raw = record.as_raw_fd();
+    let inherited: Vec<RawFd> = keep.iter().copied().chain([raw]).collect();
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("handover-check")
         .env(ENV_FD, raw.to_string())
@@ -191,13 +196,20 @@ pub fn probe(exe: &Path, record: &OwnedFd) -> Result<(), HandoverError> {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: fcntl is async-signal-safe; it only clears close-on-exec on the
-    // record in the child, so the probe inherits it.
+    // SAFETY: fcntl and sigprocmask are async-signal-safe; in the child they
+    // clear close-on-exec on the record and the fds it names (the probe
+    // inherits them; the master's own stay close-on-exec) and give it an
+    // empty signal mask (the master's signals are blocked meanwhile).
     unsafe {
         cmd.pre_exec(move || {
-            if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
+            for fd in &inherited {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
+            let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(none.as_mut_ptr());
+            libc::sigprocmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut());
             Ok(())
         });
     }
@@ -205,7 +217,15 @@ pub fn probe(exe: &Path, record: &OwnedFd) -> Result<(), HandoverError> {
     let mut child = cmd
         .spawn()
         .map_err(|e| refused(format!("cannot be run: {e}")))?;
-    let status = wait_bounded(&mut child, PROBE_TIMEOUT).map_err(refused)?;
+    let status = match wait_bounded(&mut child, PROBE_TIMEOUT) {
+        Ok(status) => status,
+        Err(Waited::Stop(sig)) => {
+            return Err(HandoverError::NotNow(format!(
+                "{sig} arrived during the upgrade; stopping instead"
+            )));
+        }
+        Err(Waited::Failed(why)) => return Err(refused(why)),
+    };
     let mut stderr = String::new();
     if let Some(mut pipe) = child.stderr.take() {
         let _ = pipe.read_to_string(&mut stderr);
@@ -222,25 +242,40 @@ pub fn probe(exe: &Path, record: &OwnedFd) -> Result<(), HandoverError> {
     }))
 }
 
-/// Wait for a child up to `limit`, pinging the watchdog; kill it after.
+/// Why [`wait_bounded`] gave up on a child.
+enum Waited {
+    Failed(String),
+    /// A stop signal is pending (the master's signals are blocked).
+    Stop(Signal),
+}
+
+/// Wait for a child up to `limit`, pinging the watchdog; kill it after, or
+/// as soon as a stop signal is pending.
 fn wait_bounded(
     child: &mut std::process::Child,
     limit: Duration,
-) -> Result<std::process::ExitStatus, String> {
+) -> Result<std::process::ExitStatus, Waited> {
     let start = clock::now();
     let watchdog = systemd::watchdog_interval();
     let mut last_ping = start;
+    let give_up = |child: &mut std::process::Child, why: Waited| {
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(why)
+    };
     loop {
         match child.try_wait() {
             Ok(Some(status)) => return Ok(status),
             Ok(None) => {}
-            Err(e) => return Err(format!("cannot be waited for: {e}")),
+            Err(e) => return Err(Waited::Failed(format!("cannot be waited for: {e}"))),
+        }
+        if let Some(sig) = pending_stop() {
+            return give_up(child, Waited::Stop(sig));
         }
         let now = clock::now();
         if now.saturating_sub(start) > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("did not answer within {} s", limit.as_secs()));
+            let why = format!("did not answer within {} s", limit.as_secs());
+            return give_up(child, Waited::Failed(why));
         }
         if let Some(every) = watchdog
             && now.saturating_sub(last_ping) >= every
@@ -249,6 +284,51 @@ fn wait_bounded(
             systemd::watchdog();
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A stop signal (TERM, INT, QUIT) that is pending, blocked.
+fn pending_stop() -> Option<Signal> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initializes the set; sigpending writes into it.
+    let set = unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        if libc::sigpending(set.as_mut_ptr()) != 0 {
+            return None;
+        }
+        set.assume_init()
+    };
+    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT]
+        .into_iter()
+        // SAFETY: a valid, initialized set and a valid signal number.
+        .find(|s| unsafe { libc::sigismember(&set, *s as i32) } == 1)
+}
+
+/// The master's signals, blocked for as long as this lives: from before the
+/// handover record is written until the exec — whose new image unblocks
+/// them once its own handlers are in place — or until the upgrade is
+/// refused, when dropping this delivers what arrived meanwhile. Either way
+/// no signal is lost (docs/design.md §4.9).
+pub struct Blocked {
+    old: SigSet,
+}
+
+impl Blocked {
+    pub fn master_signals() -> Result<Blocked, HandoverError> {
+        let mut old = SigSet::empty();
+        sigprocmask(
+            SigmaskHow::SIG_BLOCK,
+            Some(&master_signals()),
+            Some(&mut old),
+        )
+        .map_err(|e| HandoverError::NotNow(format!("cannot block signals: {e}")))?;
+        Ok(Blocked { old })
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&self.old), None);
     }
 }
 
@@ -278,8 +358,9 @@ fn set_cloexec(fd: RawFd, on: bool) -> nix::Result<()> {
     fcntl(fd, FcntlArg::F_SETFD(flags)).map(|_| ())
 }
 
-/// Exec `exe` in place with the record and `keep` inherited. Returns only if
-/// the exec failed, having put everything back as it was.
+/// Exec `exe` in place with the record and `keep` inherited, the master's
+/// signals blocked (see [`Blocked`]). Returns only if the exec failed,
+/// having put the fds back as they were.
 pub fn exec(exe: &Path, record: &OwnedFd, keep: &[RawFd]) -> HandoverError {
     let exec_err = |source| HandoverError::Exec {
         path: exe.to_path_buf(),
@@ -298,14 +379,6 @@ pub fn exec(exe: &Path, record: &OwnedFd, keep: &[RawFd]) -> HandoverError {
         Ok(p) => p,
         Err(e) => return exec_err(e),
     };
-    let mut old_mask = SigSet::empty();
-    if let Err(e) = sigprocmask(
-        SigmaskHow::SIG_BLOCK,
-        Some(&master_signals()),
-        Some(&mut old_mask),
-    ) {
-        return exec_err(e);
-    }
     let all: Vec<RawFd> = keep.iter().copied().chain([record.as_raw_fd()]).collect();
     let mut result = all.iter().try_for_each(|fd| set_cloexec(*fd, false));
     if result.is_ok() {
@@ -315,7 +388,6 @@ pub fn exec(exe: &Path, record: &OwnedFd, keep: &[RawFd]) -> HandoverError {
     for fd in &all {
         let _ = set_cloexec(*fd, true);
     }
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
     match result {
         Err(e) => exec_err(e),
         Ok(()) => exec_err(nix::Error::EINVAL),

@@ -29,14 +29,14 @@ use crate::config::{self, Config, Overrides, Source};
 use crate::ipc::{self, ToMaster};
 use crate::listener::ListenerRecord;
 use crate::listener::{self, ListenError, Listener, UnixOptions};
-use crate::scoreboard::Scoreboard;
+use crate::scoreboard::{Flags, Scoreboard};
 use crate::systemd;
 use control::Control;
 use events::{MasterSignal, Signals};
 use handover::{ExeId, HandoverError, Record};
 use sockets::Sockets;
 use spawn::{Creds, Spawner};
-use state::{Action, Event, ExitHow, Level, Notify, ReloadOutcome, State, WorkerSig};
+use state::{Action, Event, ExitHow, Level, Notify, ReloadOutcome, State, Ticket, WorkerSig};
 
 /// How often the master looks at heartbeats and deadlines: often enough to
 /// catch a silent worker well within a second of its `timeout`, rarely enough
@@ -126,6 +126,11 @@ struct Edge {
     exe: PathBuf,
     exe_id: Option<ExeId>,
     exit: Option<i32>,
+    /// The last reload request's ticket (see [`Ticket`]).
+    next_ticket: Ticket,
+    /// The unix sockets a reload to this generation keeps, and the mode
+    /// and group to give them once it completes.
+    socket_options: Option<(u32, Vec<PathBuf>, UnixOptions)>,
     /// Under systemd (NOTIFY_SOCKET set): STATUS= lines are worth building.
     notify: bool,
     last_status: String,
@@ -172,13 +177,98 @@ pub fn run(config: Config, overrides: Overrides) -> Result<i32, MasterError> {
 /// [`handover`]): same listeners, control socket, scoreboard and workers;
 /// then reload onto this binary.
 pub fn resume(record: Record, fds: Vec<(RawFd, OwnedFd)>) -> Result<i32, MasterError> {
+    let a = adopt(record, fds)?;
+    let signals = Signals::register()?;
+    handover::unblock_signals();
+    let owned = Owned {
+        sockets: Sockets::new(a.listeners),
+        control_socket: a.control_socket,
+        pidfile: a.pidfile,
+    };
+    let mut edge = Edge::new(
+        owned,
+        a.activated,
+        a.control,
+        a.board,
+        a.exe,
+        a.creds,
+        a.overrides,
+    )?;
+    edge.channels = a.channels;
+    a.waiters
+        .into_iter()
+        .for_each(|w| edge.control.await_reload(w));
+    for (stream, record) in a.clients {
+        edge.control.adopt_client(stream, &record, clock::now());
+    }
+    let mut state = a.state;
+    tracing::info!(
+        "re-exec'd in place: notesd {} took over from notesd {} as pid {} (generation {}, {} worker(s)); reloading onto {}",
+        crate::VERSION,
+        a.from,
+        std::process::id(),
+        state.generation(),
+        state.workers().count(),
+        edge.exe.display(),
+    );
+    edge.reap(&mut state);
+    edge.start_reload(&mut state);
+    edge.main_loop(state, &signals)
+}
+
+/// `notesd handover-check`: take over the record at `NOTESD_HANDOVER_FD`
+/// and every fd it names (the probe inherits them) exactly as [`resume`]
+/// would, then let go of them. What this binary could not carry through is
+/// refused here, before the running master execs anything.
+pub fn check_handover() -> Result<String, MasterError> {
+    let (record, fds) = handover::take()
+        .ok_or_else(|| {
+            MasterError::Handover(format!("{} names no handover record", handover::ENV_FD))
+        })?
+        .map_err(|e| MasterError::Handover(e.to_string()))?;
+    let (from, version) = (record.from.clone(), record.version);
+    let adopted = adopt(record, fds)?;
+    let workers = adopted.state.workers().count();
+    drop(adopted);
+    Ok(format!(
+        "notesd {} can take over from notesd {from} (handover record {version}, {workers} worker(s))",
+        crate::VERSION
+    ))
+}
+
+/// What a handover gives the new image, taken over and checked: everything
+/// [`resume`] needs before it acts on anything. Dropping it closes this
+/// process's copies of the fds and unlinks nothing, so the probe
+/// (`check_handover`) can build it and let it go.
+struct Adopted {
+    from: String,
+    listeners: Vec<Listener>,
+    control_socket: Listener,
+    control: std::os::unix::net::UnixListener,
+    board: Scoreboard,
+    channels: BTreeMap<i32, OwnedFd>,
+    waiters: Vec<std::os::unix::net::UnixStream>,
+    clients: Vec<(std::os::unix::net::UnixStream, control::ClientRecord)>,
+    creds: Option<Creds>,
+    exe: PathBuf,
+    activated: bool,
+    overrides: Overrides,
+    pidfile: Option<PathBuf>,
+    state: State,
+}
+
+/// Take every fd `record` names and parse everything about it: each bind,
+/// the scoreboard's layout, the credentials, the state machine's snapshot.
+fn adopt(record: Record, fds: Vec<(RawFd, OwnedFd)>) -> Result<Adopted, MasterError> {
     let mut fds: BTreeMap<RawFd, OwnedFd> = fds.into_iter().collect();
     let mut take = |fd: RawFd| {
         fds.remove(&fd)
             .ok_or_else(|| MasterError::Handover(format!("fd {fd} was not handed over")))
     };
-    let listener =
-        |r: &ListenerRecord, fd| Listener::from_record(r, fd).map_err(MasterError::Handover);
+    let listener = |r: &ListenerRecord, fd| {
+        Listener::from_record(r, fd)
+            .map_err(|e| MasterError::Handover(format!("listener {:?}: {e}", r.bind)))
+    };
     let listeners = record
         .listeners
         .iter()
@@ -200,11 +290,11 @@ pub fn resume(record: Record, fds: Vec<(RawFd, OwnedFd)>) -> Result<i32, MasterE
         .iter()
         .map(|fd| take(*fd).map(std::os::unix::net::UnixStream::from))
         .collect::<Result<Vec<_>, _>>()?;
-    let owned = Owned {
-        sockets: Sockets::new(listeners),
-        control_socket,
-        pidfile: record.pidfile.clone(),
-    };
+    let clients = record
+        .control_clients
+        .iter()
+        .map(|c| Ok((std::os::unix::net::UnixStream::from(take(c.fd)?), c.clone())))
+        .collect::<Result<Vec<_>, MasterError>>()?;
     let current = record
         .state
         .configs
@@ -212,35 +302,24 @@ pub fn resume(record: Record, fds: Vec<(RawFd, OwnedFd)>) -> Result<i32, MasterE
         .ok_or_else(|| MasterError::Handover("no config for the current generation".into()))?;
     let creds = resolve_creds(current)?;
     let exe = spawn::resolve_exe().map_err(MasterError::Exe)?;
-    let signals = Signals::register()?;
-    handover::unblock_signals();
-    let mut edge = Edge::new(
-        owned,
-        record.activated,
+    let state =
+        State::resume(record.state, board.slots(), clock::now()).map_err(MasterError::Handover)?;
+    Ok(Adopted {
+        from: record.from,
+        listeners,
+        control_socket,
         control,
         board,
-        exe,
+        channels,
+        waiters,
+        clients,
         creds,
-        record.overrides,
-    )?;
-    edge.channels = channels;
-    waiters
-        .into_iter()
-        .for_each(|w| edge.control.await_reload(w));
-    let workers = record.state.workers.len();
-    let mut state = State::resume(record.state, edge.board.slots(), clock::now())
-        .map_err(MasterError::Handover)?;
-    tracing::info!(
-        "re-exec'd in place: notesd {} took over from notesd {} as pid {} (generation {}, {workers} worker(s)); reloading onto {}",
-        crate::VERSION,
-        record.from,
-        std::process::id(),
-        state.generation(),
-        edge.exe.display(),
-    );
-    edge.reap(&mut state);
-    edge.start_reload(&mut state);
-    edge.main_loop(state, &signals)
+        exe,
+        activated: record.activated,
+        overrides: record.overrides,
+        pidfile: record.pidfile,
+        state,
+    })
 }
 
 /// The listeners: systemd's (socket activation), else `server.bind`'s.
@@ -300,6 +379,7 @@ impl Edge {
         let allowed = std::iter::once(nix::unistd::geteuid().as_raw())
             .chain(creds.map(|c| c.uid))
             .collect();
+        board.set_flag(Flags::ACTIVATED, activated);
         Ok(Edge {
             owned,
             activated,
@@ -311,6 +391,8 @@ impl Edge {
             exe_id: ExeId::of(&exe),
             exe,
             exit: None,
+            next_ticket: 0,
+            socket_options: None,
             notify: std::env::var_os("NOTIFY_SOCKET").is_some(),
             last_status: String::new(),
         })
@@ -332,18 +414,27 @@ impl Edge {
                 due = due.min(last_watchdog + every);
             }
             self.wait(signals, due.saturating_sub(clock::now()))?;
+            // Reloads and upgrades come last, once every other signal of the
+            // batch was handled: an upgrade execs, and what is still to do
+            // then would be lost.
+            let (mut reload, mut upgrade) = (false, false);
             for sig in signals.take() {
                 match sig {
                     MasterSignal::Child => self.reap(&mut state),
-                    MasterSignal::Hup => self.reload(&mut state),
-                    MasterSignal::Upgrade => self.upgrade(&mut state, "USR2"),
+                    MasterSignal::Hup => reload = true,
+                    MasterSignal::Upgrade => upgrade = true,
                     MasterSignal::Act(s) => self.execute(&mut state, Event::Signal(s)),
                 }
             }
             self.read_channels(&mut state);
             let now = clock::now();
-            if self.control.service(&state, &self.board, now).reload {
-                self.reload(&mut state);
+            reload |= self.control.service(&state, &self.board, now).reload;
+            if upgrade {
+                let ticket = self.new_ticket();
+                self.upgrade(&mut state, signals, ticket, "USR2");
+            }
+            if reload {
+                self.reload(&mut state, signals);
             }
             if let Some(every) = watchdog
                 && now.saturating_sub(last_watchdog) >= every
@@ -375,19 +466,34 @@ impl Edge {
         self.report_status(state);
     }
 
+    /// A new reload request's ticket; the control clients that asked for a
+    /// reload and wait untagged wait for this one.
+    fn new_ticket(&mut self) -> Ticket {
+        self.next_ticket += 1;
+        self.control.tag_waiters(self.next_ticket);
+        self.next_ticket
+    }
+
     /// HUP or `notesd reload`. When the binary at the resolved path is not
     /// the one this image started from (an upgrade replaced it), re-exec in
     /// place first: the new image then reloads onto itself.
-    fn reload(&mut self, state: &mut State) {
+    fn reload(&mut self, state: &mut State, signals: &Signals) {
         if ExeId::of(&self.exe) != self.exe_id {
+            let ticket = self.new_ticket();
             // Validate the config first, as any reload does: a bad one is refused here.
             if let Err(e) = config::load(&self.overrides) {
                 let e = e.to_string().replace('\n', " ");
-                self.execute(state, Event::Reload(Err(e)));
+                self.execute(
+                    state,
+                    Event::Reload {
+                        ticket,
+                        config: Err(e),
+                    },
+                );
                 return;
             }
             let why = format!("{} changed since this master started", self.exe.display());
-            self.upgrade(state, &why);
+            self.upgrade(state, signals, ticket, &why);
             return;
         }
         self.start_reload(state);
@@ -396,13 +502,20 @@ impl Edge {
     /// Re-read the config (with the same flags), put its listeners in place
     /// for the new generation, and let the state machine start it, or refuse.
     fn start_reload(&mut self, state: &mut State) {
+        let ticket = self.new_ticket();
         let reloaded = config::load(&self.overrides)
             .map_err(|e| e.to_string().replace('\n', " "))
             .and_then(|config| {
                 self.reconcile_sockets(state.next_generation(), &config)?;
                 Ok(Arc::new(config))
             });
-        self.execute(state, Event::Reload(reloaded));
+        self.execute(
+            state,
+            Event::Reload {
+                ticket,
+                config: reloaded,
+            },
+        );
     }
 
     /// A changed `server.bind`, `socket_mode` or `socket_group` takes effect
@@ -432,47 +545,78 @@ impl Edge {
             gid,
             backlog: config.server.backlog,
         };
-        match self.owned.sockets.reconcile(next, config, unix) {
-            Ok(Some(changes)) => {
-                tracing::info!(
-                    "server.bind changed: generation {next} listens on {}",
-                    changes.join(", ")
-                );
-                Ok(())
+        let reconciled = self
+            .owned
+            .sockets
+            .reconcile(next, config, unix)
+            .map_err(|e| format!("cannot listen as the new config asks: {e}"))?;
+        if let Some(changes) = reconciled.changes {
+            tracing::info!(
+                "server.bind changed: generation {next} listens on {}",
+                changes.join(", ")
+            );
+        }
+        self.socket_options = Some((next, reconciled.kept_unix, unix));
+        Ok(())
+    }
+
+    /// A reload completed: the kept unix sockets take its `socket_mode` and
+    /// `socket_group` now (not before: a refused or abandoned reload leaves
+    /// them as they were).
+    fn apply_socket_options(&mut self, generation: u32) {
+        let Some((g, paths, unix)) = self.socket_options.take() else {
+            return;
+        };
+        if g != generation {
+            return;
+        }
+        for path in paths {
+            if let Err(e) = listener::apply_unix_options(&path, unix) {
+                tracing::warn!("cannot apply socket_mode/socket_group: {e}");
             }
-            Ok(None) => Ok(()),
-            Err(e) => Err(format!("cannot listen as the new config asks: {e}")),
         }
     }
 
     /// Re-exec in place from `self.exe` (see [`handover`]). Returns only when
-    /// the upgrade was refused; the reload waiting for it is then refused too.
-    fn upgrade(&mut self, state: &mut State, why: &str) {
-        let error = self.exec_in_place(state, why);
+    /// the upgrade was refused; the reload request `ticket` waiting for it is
+    /// then refused too. Signals that arrived meanwhile are handled next.
+    fn upgrade(&mut self, state: &mut State, signals: &Signals, ticket: Ticket, why: &str) {
+        let error = self.exec_in_place(state, signals, why);
         let message = format!(
             "cannot upgrade in place ({why}): {error}; notesd {} keeps serving",
             crate::VERSION
         );
         tracing::error!("{message}");
         self.control
-            .reload_done(&ReloadOutcome::Refused(message), clock::now());
+            .reload_done(&[ticket], &ReloadOutcome::Refused(message), clock::now());
     }
 
-    fn exec_in_place(&mut self, state: &State, why: &str) -> HandoverError {
+    fn exec_in_place(&mut self, state: &State, signals: &Signals, why: &str) -> HandoverError {
         if !self.owned.sockets.is_settled() {
             return HandoverError::NotNow(
                 "workers from before a change of server.bind are still draining; try again once they are gone".into(),
             );
         }
-        let record = match state.snapshot() {
-            Ok(snapshot) => self.handover_record(snapshot),
+        let snapshot = match state.snapshot() {
+            Ok(snapshot) => snapshot,
             Err(e) => return HandoverError::NotNow(e),
         };
+        // No signal may be lost from here to the exec (or the refusal, when
+        // `_blocked` drops and delivers them): see `handover::Blocked`.
+        let _blocked = match handover::Blocked::master_signals() {
+            Ok(b) => b,
+            Err(e) => return e,
+        };
+        let carried = signals.carry_over();
+        if !carried.is_empty() {
+            tracing::debug!("carried over to the new image: {carried:?}");
+        }
+        let record = self.handover_record(snapshot);
         let fd = match handover::write(&record) {
             Ok(fd) => fd,
             Err(e) => return e,
         };
-        if let Err(e) = handover::probe(&self.exe, &fd) {
+        if let Err(e) = handover::probe(&self.exe, &fd, &record.fds()) {
             return e;
         }
         tracing::info!(
@@ -484,6 +628,7 @@ impl Edge {
     }
 
     fn handover_record(&self, state: state::Snapshot) -> Record {
+        let (reload_waiters, control_clients) = self.control.handover_clients();
         Record {
             version: handover::VERSION,
             from: crate::VERSION.to_string(),
@@ -503,7 +648,8 @@ impl Edge {
                 .iter()
                 .map(|(pid, fd)| (*pid, fd.as_raw_fd()))
                 .collect(),
-            reload_waiters: self.control.reload_waiter_fds(),
+            reload_waiters,
+            control_clients,
             pidfile: self.owned.pidfile.clone(),
             state,
         }
@@ -630,7 +776,14 @@ impl Edge {
                 Action::Notify(Notify::Ready) => systemd::ready(&status_line(state)),
                 Action::Notify(Notify::Reloading) => systemd::reloading(),
                 Action::Notify(Notify::Stopping) => systemd::stopping(),
-                Action::ReloadDone(outcome) => self.control.reload_done(&outcome, clock::now()),
+                Action::ReloadDone { tickets, outcome } => {
+                    if let ReloadOutcome::Complete { generation, .. } = outcome {
+                        self.apply_socket_options(generation);
+                    }
+                    self.control.reload_done(&tickets, &outcome, clock::now())
+                }
+                Action::ShuttingDown => self.board.set_flag(Flags::STOPPING, true),
+                Action::CloseListeners => self.close_listeners(),
                 Action::ReopenLogs => crate::log::reopen(),
                 Action::Log(level, msg) => match level {
                     Level::Info => tracing::info!("{msg}"),
@@ -663,6 +816,23 @@ impl Edge {
         self.channels.insert(pid, channel);
         tracing::debug!(pid, slot, generation, "spawned worker");
         Ok(pid)
+    }
+
+    /// A graceful stop begins (see [`Action::CloseListeners`]). systemd's
+    /// sockets keep their paths and queues: what is queued there waits for
+    /// the next start.
+    fn close_listeners(&mut self) {
+        let closed = self.owned.sockets.close_all();
+        if self.activated {
+            tracing::info!(
+                "stopping: the listeners are systemd's; what is queued on them waits for the next start"
+            );
+        } else {
+            tracing::info!(
+                "stopping: {} no longer take(s) new connections; the workers serve what is queued, then close",
+                closed.join(", ")
+            );
+        }
     }
 
     fn timeout_kill(&self, state: &State, pid: i32, slot: u32, silent: Duration, now: Duration) {

@@ -31,6 +31,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub(crate) type Pid = i32;
 
+/// Names one reload request, so that its answer reaches only those who
+/// asked for it (`notesd reload` clients wait for their own reload).
+pub(crate) type Ticket = u64;
+
 /// Signals the master acts on (HUP arrives as [`Event::Reload`] once the edge
 /// has re-read the config; CHLD as [`Event::Exited`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,8 +70,13 @@ pub enum Event {
     /// The master is bound and ready to spawn the first generation.
     Started,
     Signal(Sig),
-    /// SIGHUP: the re-read config, or why it could not be used.
-    Reload(Result<Arc<Config>, String>),
+    /// SIGHUP or `notesd reload`: the re-read config, or why it could not be
+    /// used. `ticket` (the edge's, increasing) names this request in the
+    /// [`Action::ReloadDone`] that answers it.
+    Reload {
+        ticket: Ticket,
+        config: Result<Arc<Config>, String>,
+    },
     Spawned {
         pid: Pid,
         slot: u32,
@@ -135,8 +144,21 @@ pub enum Action {
         silent_for: Duration,
     },
     Notify(Notify),
-    /// A reload ended; answer whoever waits for it (`notesd reload`).
-    ReloadDone(ReloadOutcome),
+    /// Reload requests ended: answer whoever waits for one of `tickets`
+    /// (`notesd reload`). A request superseded by a newer one ends with it.
+    ReloadDone {
+        tickets: Vec<Ticket>,
+        outcome: ReloadOutcome,
+    },
+    /// The service is stopping: tell the workers (`/readyz` answers 503
+    /// "shutting down"; a worker told to stop empties its listeners' queues
+    /// first).
+    ShuttingDown,
+    /// A graceful stop begins: stop new connections from reaching the
+    /// listeners the master bound (unlink the unix paths) and close the
+    /// master's copies, so that each socket closes with the last worker that
+    /// emptied it (docs/design.md §4.12). Sent before the workers' TERM.
+    CloseListeners,
     ReopenLogs,
     Log(Level, String),
     Exit(i32),
@@ -184,11 +206,25 @@ pub struct Worker {
     pub boot_fatal: bool,
 }
 
+/// The master's lifecycle: `Starting` → `Running` (reloads within it) →
+/// [`ShutdownDelay`](Phase::ShutdownDelay) (TERM with `server.shutdown_delay`)
+/// → `Stopping` → exit. `notesd status` shows [`State::phase_name`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// The first generation is booting.
     Starting,
     Running,
-    Stopping { deadline: Duration, quick: bool },
+    /// TERM arrived and `server.shutdown_delay` runs until `until`: `/readyz`
+    /// answers 503 while everything keeps serving (and dead workers are
+    /// still replaced), so that a load balancer stops sending first.
+    ShutdownDelay {
+        until: Duration,
+    },
+    /// Workers were told to stop; every one is killed at `deadline`.
+    Stopping {
+        deadline: Duration,
+        quick: bool,
+    },
 }
 
 /// A reload whose generation has not yet produced a ready worker.
@@ -217,6 +253,9 @@ pub struct State {
     slots: u32,
     /// A reload started; READY is due once it completes.
     reload_in_progress: bool,
+    /// The requests the reload under way answers: its own and those it
+    /// superseded.
+    reload_tickets: Vec<Ticket>,
     ever_ready: bool,
     failures_in_row: u32,
     backoff_until: Duration,
@@ -256,7 +295,9 @@ impl State {
     pub fn snapshot(&self) -> Result<Snapshot, String> {
         match self.phase {
             Phase::Starting => return Err("the first generation is still starting".into()),
-            Phase::Stopping { .. } => return Err("the master is shutting down".into()),
+            Phase::Stopping { .. } | Phase::ShutdownDelay { .. } => {
+                return Err("the master is shutting down".into());
+            }
             Phase::Running if self.reloading() => {
                 return Err("a reload is under way; try again once it completes".into());
             }
@@ -316,6 +357,7 @@ impl State {
             spawning: BTreeMap::new(),
             slots,
             reload_in_progress: false,
+            reload_tickets: Vec::new(),
             ever_ready: snapshot.ever_ready,
             failures_in_row: 0,
             backoff_until: Duration::ZERO,
@@ -346,6 +388,7 @@ impl State {
             spawning: BTreeMap::new(),
             slots,
             reload_in_progress: false,
+            reload_tickets: Vec::new(),
             ever_ready: false,
             failures_in_row: 0,
             backoff_until: Duration::ZERO,
@@ -369,6 +412,7 @@ impl State {
     pub fn phase_name(&self) -> &'static str {
         match self.phase {
             Phase::Starting => "starting",
+            Phase::ShutdownDelay { .. } => "shutdown-delay",
             Phase::Stopping { .. } => "stopping",
             Phase::Running if self.reloading() => "reloading",
             Phase::Running => "running",
@@ -440,7 +484,7 @@ impl State {
         match event {
             Event::Started => {}
             Event::Signal(sig) => self.on_signal(sig, now, &mut out),
-            Event::Reload(result) => self.on_reload(result, &mut out),
+            Event::Reload { ticket, config } => self.on_reload(ticket, config, &mut out),
             Event::Spawned {
                 pid,
                 slot,
@@ -488,48 +532,7 @@ impl State {
 
     fn on_signal(&mut self, sig: Sig, now: Duration, out: &mut Vec<Action>) {
         match sig {
-            Sig::Term | Sig::Int | Sig::Quit => {
-                let quick = sig != Sig::Term;
-                if let Phase::Stopping {
-                    quick: was_quick, ..
-                } = self.phase
-                    && (was_quick || !quick)
-                {
-                    return;
-                }
-                let grace = if quick {
-                    QUICK_GRACE
-                } else {
-                    self.configs[&self.current].graceful_timeout()
-                };
-                out.push(Action::Log(
-                    Level::Info,
-                    format!(
-                        "{} shutdown: {} worker(s) to stop within {:?}",
-                        if quick { "quick" } else { "graceful" },
-                        self.workers.len(),
-                        grace
-                    ),
-                ));
-                self.phase = Phase::Stopping {
-                    deadline: now + grace,
-                    quick,
-                };
-                if std::mem::take(&mut self.reload_in_progress) {
-                    out.push(Action::ReloadDone(ReloadOutcome::Abandoned(
-                        "the master is shutting down".into(),
-                    )));
-                }
-                out.push(Action::Notify(Notify::Stopping));
-                let pids: Vec<Pid> = self.workers.keys().copied().collect();
-                for pid in pids {
-                    if quick {
-                        self.send(pid, WorkerSig::Quit, now, out);
-                    } else {
-                        self.stop(pid, now, out);
-                    }
-                }
-            }
+            Sig::Term | Sig::Int | Sig::Quit => self.on_stop(sig != Sig::Term, now, out),
             Sig::Ttin => {
                 if self.target < MAX_WORKERS {
                     self.target += 1;
@@ -558,16 +561,112 @@ impl State {
         }
     }
 
-    fn on_reload(&mut self, result: Result<Arc<Config>, String>, out: &mut Vec<Action>) {
-        if matches!(self.phase, Phase::Stopping { .. }) {
+    /// TERM (graceful) or INT/QUIT (quick). A graceful stop of a running
+    /// service waits `server.shutdown_delay` first; INT/QUIT escalate a
+    /// graceful stop, never the reverse.
+    fn on_stop(&mut self, quick: bool, now: Duration, out: &mut Vec<Action>) {
+        match self.phase {
+            Phase::Stopping {
+                quick: was_quick, ..
+            } if was_quick || !quick => return,
+            Phase::ShutdownDelay { .. } if !quick => return,
+            Phase::Stopping { .. } | Phase::ShutdownDelay { .. } => {
+                return self.begin_stop(quick, now, out);
+            }
+            Phase::Starting | Phase::Running => {}
+        }
+        out.push(Action::Notify(Notify::Stopping));
+        out.push(Action::ShuttingDown);
+        self.cancel_reload(out);
+        let delay = self.configs[&self.current].shutdown_delay();
+        if quick || delay.is_zero() || self.phase != Phase::Running {
+            return self.begin_stop(quick, now, out);
+        }
+        out.push(Action::Log(
+            Level::Info,
+            format!(
+                "graceful shutdown: /readyz answers 503 and {} worker(s) keep serving for shutdown_delay = {} s; then the listeners close once emptied",
+                self.workers.len(),
+                delay.as_secs()
+            ),
+        ));
+        self.phase = Phase::ShutdownDelay { until: now + delay };
+    }
+
+    /// A reload under way when the stop came will not complete.
+    fn cancel_reload(&mut self, out: &mut Vec<Action>) {
+        if std::mem::take(&mut self.reload_in_progress) {
+            out.push(self.reload_done(ReloadOutcome::Abandoned(
+                "the master is shutting down".into(),
+            )));
+        }
+        if self.pending.take().is_some() {
+            self.target = self.configs[&self.current].worker_count();
+        }
+    }
+
+    /// The stop proper: the listeners close behind the workers (graceful),
+    /// every worker is told to stop, and all are killed at the deadline.
+    fn begin_stop(&mut self, quick: bool, now: Duration, out: &mut Vec<Action>) {
+        let grace = if quick {
+            QUICK_GRACE
+        } else {
+            self.configs[&self.current].graceful_timeout()
+        };
+        out.push(Action::Log(
+            Level::Info,
+            format!(
+                "{} shutdown: {} worker(s) to stop within {:?}",
+                if quick { "quick" } else { "graceful" },
+                self.workers.len(),
+                grace
+            ),
+        ));
+        self.phase = Phase::Stopping {
+            deadline: now + grace,
+            quick,
+        };
+        if !quick {
+            out.push(Action::CloseListeners);
+        }
+        let pids: Vec<Pid> = self.workers.keys().copied().collect();
+        for pid in pids {
+            if quick {
+                self.send(pid, WorkerSig::Quit, now, out);
+            } else {
+                self.stop(pid, now, out);
+            }
+        }
+    }
+
+    /// The reload under way ended: answer its requests.
+    fn reload_done(&mut self, outcome: ReloadOutcome) -> Action {
+        Action::ReloadDone {
+            tickets: std::mem::take(&mut self.reload_tickets),
+            outcome,
+        }
+    }
+
+    fn on_reload(
+        &mut self,
+        ticket: Ticket,
+        result: Result<Arc<Config>, String>,
+        out: &mut Vec<Action>,
+    ) {
+        let refuse = |why: String| Action::ReloadDone {
+            tickets: vec![ticket],
+            outcome: ReloadOutcome::Refused(why),
+        };
+        if matches!(
+            self.phase,
+            Phase::Stopping { .. } | Phase::ShutdownDelay { .. }
+        ) {
             // No RELOADING=1 either: systemd is already waiting for the stop.
             out.push(Action::Log(
                 Level::Warn,
                 "reload ignored: the master is shutting down".into(),
             ));
-            out.push(Action::ReloadDone(ReloadOutcome::Refused(
-                "the master is shutting down".into(),
-            )));
+            out.push(refuse("the master is shutting down".into()));
             return;
         }
         out.push(Action::Notify(Notify::Reloading));
@@ -582,9 +681,7 @@ impl State {
                     ),
                 ));
                 out.push(Action::Notify(Notify::Ready));
-                out.push(Action::ReloadDone(ReloadOutcome::Refused(format!(
-                    "invalid configuration: {e}"
-                ))));
+                out.push(refuse(format!("invalid configuration: {e}")));
                 return;
             }
         };
@@ -610,6 +707,7 @@ impl State {
             failures: 0,
         });
         self.reload_in_progress = true;
+        self.reload_tickets.push(ticket);
         // A new generation deserves a fresh start, not the old one's backoff.
         self.failures_in_row = 0;
         self.backoff_until = Duration::ZERO;
@@ -797,7 +895,7 @@ impl State {
             self.send(pid, WorkerSig::Quit, now, out);
         }
         out.push(Action::Notify(Notify::Ready));
-        out.push(Action::ReloadDone(ReloadOutcome::Abandoned(why)));
+        out.push(self.reload_done(ReloadOutcome::Abandoned(why)));
     }
 
     /// No worker of the first generation ever got ready: exit. A fatal cause
@@ -838,6 +936,11 @@ impl State {
     /// "Kill the stuck": a stalled master forgives, silent workers are
     /// aborted, aborted or lingering ones are killed.
     fn on_tick(&mut self, heartbeats: &[(Pid, Duration)], now: Duration, out: &mut Vec<Action>) {
+        if let Phase::ShutdownDelay { until } = self.phase
+            && now >= until
+        {
+            self.begin_stop(false, now, out);
+        }
         self.notice_master_stall(now, out);
         self.abort_silent(heartbeats, now, out);
         self.escalate_kills(now, out);
@@ -1064,10 +1167,11 @@ impl State {
                 ),
             ));
             out.push(Action::Notify(Notify::Ready));
-            out.push(Action::ReloadDone(ReloadOutcome::Complete {
+            let done = self.reload_done(ReloadOutcome::Complete {
                 generation: self.current,
                 workers: ready,
-            }));
+            });
+            out.push(done);
         }
     }
 

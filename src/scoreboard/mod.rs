@@ -53,6 +53,10 @@ const OFF_H_FOLD_SEQ: usize = 32;
 /// `http::list_cache`. Added within layout 2: an older master's board has it
 /// zeroed, and an older worker never bumps it.
 const OFF_H_WRITE_GEN: usize = 40;
+/// Service flags (u32, [`Flags`]): written by the master, read by workers.
+/// Added within layout 2 (the word was padding): an older master's board
+/// has none set, and an older worker never reads them.
+const OFF_H_FLAGS: usize = 48;
 const OFF_H_RETIRED: usize = 64;
 const BASE_SLOT: usize = 256;
 pub(crate) const SLOT_SIZE: usize = BASE_SLOT + metrics::METRICS_BYTES;
@@ -89,6 +93,27 @@ pub enum ScoreboardError {
     Layout { magic: u64, version: u32 },
     #[error("slot {0} is outside the scoreboard")]
     NoSlot(u32),
+}
+
+/// What the master tells every worker about the service as a whole (the
+/// scoreboard header's flags word).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Flags(pub(crate) u32);
+
+impl Flags {
+    /// `notesd drain`: `/readyz` answers 503 "draining"; everything serves.
+    pub(crate) const DRAIN: u32 = 1;
+    /// The master is stopping (TERM): `/readyz` answers 503 "shutting down",
+    /// and a worker told to stop empties its listeners' queues before it
+    /// closes them (docs/design.md §4.12) — unless they are systemd's.
+    pub(crate) const STOPPING: u32 = 2;
+    /// The listeners are systemd's (socket activation): what is queued on
+    /// them waits there for the next start; a stopping worker leaves it.
+    pub(crate) const ACTIVATED: u32 = 4;
+
+    pub(crate) fn has(self, flag: u32) -> bool {
+        self.0 & flag != 0
+    }
 }
 
 /// What a worker says it is doing (its own view; the master keeps its own).
@@ -226,6 +251,21 @@ impl Scoreboard {
     /// The write generation (see `http::list_cache`).
     pub fn write_generation(&self) -> u64 {
         self.u64_at(OFF_H_WRITE_GEN).load(Ordering::SeqCst)
+    }
+
+    /// The service flags (see [`Flags`]).
+    pub(crate) fn flags(&self) -> Flags {
+        Flags(self.u32_at(OFF_H_FLAGS).load(Ordering::Acquire))
+    }
+
+    /// Master: set (`on`) or clear `flag`.
+    pub(crate) fn set_flag(&self, flag: u32, on: bool) {
+        let word = self.u32_at(OFF_H_FLAGS);
+        if on {
+            word.fetch_or(flag, Ordering::AcqRel);
+        } else {
+            word.fetch_and(!flag, Ordering::AcqRel);
+        }
     }
 
     /// A write has finished (or was cut short): pages read before are stale.

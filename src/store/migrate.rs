@@ -2,7 +2,9 @@
 //! with sqlx's migrator and read back for the schema check.
 //!
 //! Two `notesd migrate` at once: PostgreSQL serializes them with an advisory
-//! lock; SQLite has no such lock, so an exclusive `flock` on
+//! lock, transaction-scoped, in the one transaction a run is (`run_pg`), so
+//! that it holds through PgBouncer in transaction pooling too; SQLite has no
+//! such lock, so an exclusive `flock` on
 //! `<database>.migrate.lock` beside the file does the same, taken before the
 //! first connection ([`lock_sqlite`]): two processes that open a fresh file
 //! and switch it to WAL at the same moment make one of them fail with
@@ -153,32 +155,18 @@ impl SchemaState {
 }
 
 /// Applied (version, success, description) rows, or none if the table is missing.
+/// Read in one transaction with unnamed statements: on one server connection
+/// even through a pooler in transaction pooling, and leaving no prepared
+/// statement behind on it.
 pub async fn applied(store: &Store) -> Result<Vec<(i64, bool, String)>, StoreError> {
-    let exists_sql = match store {
-        Store::Postgres(_) => "SELECT to_regclass('_sqlx_migrations') IS NOT NULL",
-        Store::Sqlite(_) => {
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')"
-        }
-    };
-    let list_sql = "SELECT version, success, description FROM _sqlx_migrations ORDER BY version";
-    // The same steps on either backend's connection type.
     macro_rules! read_rows {
-        ($pool:expr) => {{
+        ($pool:expr, $read:ident) => {{
             let mut c = $pool.acquire().await?;
             let r = async {
-                let exists: bool = sqlx::query(exists_sql)
-                    .fetch_one(&mut *c)
-                    .await?
-                    .try_get(0)?;
-                if !exists {
-                    return Ok(Vec::new());
-                }
-                sqlx::query(list_sql)
-                    .fetch_all(&mut *c)
-                    .await?
-                    .iter()
-                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                    .collect::<Result<Vec<_>, sqlx::Error>>()
+                let mut tx = sqlx::Connection::begin(&mut *c).await?;
+                let rows = $read(&mut tx).await?;
+                tx.commit().await?;
+                Ok(rows)
             }
             .await;
             c.finish(&r);
@@ -186,11 +174,48 @@ pub async fn applied(store: &Store) -> Result<Vec<(i64, bool, String)>, StoreErr
         }};
     }
     let rows = match store {
-        Store::Postgres(p) => read_rows!(p),
-        Store::Sqlite(p) => read_rows!(p),
+        Store::Postgres(p) => read_rows!(p, applied_pg),
+        Store::Sqlite(p) => read_rows!(p, applied_lite),
     };
     Ok(rows)
 }
+
+/// `applied_pg` / `applied_lite`: the rows of `_sqlx_migrations` on one
+/// connection of that backend (unnamed statements).
+macro_rules! applied_on {
+    ($name:ident, $conn:ty, $exists:literal) => {
+        async fn $name(c: &mut $conn) -> Result<Vec<(i64, bool, String)>, sqlx::Error> {
+            let exists: bool = sqlx::query($exists)
+                .persistent(false)
+                .fetch_one(&mut *c)
+                .await?
+                .try_get(0)?;
+            if !exists {
+                return Ok(Vec::new());
+            }
+            sqlx::query(
+                "SELECT version, success, description FROM _sqlx_migrations ORDER BY version",
+            )
+            .persistent(false)
+            .fetch_all(&mut *c)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+        }
+    };
+}
+
+applied_on!(
+    applied_pg,
+    sqlx::PgConnection,
+    "SELECT to_regclass('_sqlx_migrations') IS NOT NULL"
+);
+applied_on!(
+    applied_lite,
+    sqlx::SqliteConnection,
+    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')"
+);
 
 pub async fn schema_state(store: &Store) -> Result<SchemaState, StoreError> {
     let rows = applied(store).await?;
@@ -233,58 +258,112 @@ fn compare_with(rows: &[(i64, bool, String)], known: &[i64]) -> SchemaState {
 /// Apply pending migrations; returns the versions applied by this call.
 /// On SQLite the caller holds [`lock_sqlite`] from before it connected.
 pub async fn run(store: &Store) -> Result<Vec<i64>, StoreError> {
-    // The whole read-apply-read runs under one lock, so of two concurrent
-    // migrates exactly one reports the migrations as applied by it.
     match store {
         Store::Postgres(p) => {
-            let mut lock = p.acquire().await?;
-            sqlx::query("SELECT pg_advisory_lock($1)")
-                .bind(MIGRATE_LOCK_KEY)
-                .execute(&mut *lock)
-                .await?;
-            let result = apply(store).await;
-            // Closing the session would release it too; unlock explicitly anyway.
-            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(MIGRATE_LOCK_KEY)
-                .execute(&mut *lock)
-                .await;
-            result
+            // Never finished: closed afterwards, since `run_pg` deallocates
+            // the statements sqlx still thinks prepared on it.
+            let mut conn = p.acquire().await?;
+            run_pg(&mut conn).await.map_err(|e| match e {
+                StoreError::Query(q) => pooler(q),
+                e => e,
+            })
         }
-        Store::Sqlite(_) => apply(store).await,
+        Store::Sqlite(p) => {
+            let before = applied(store).await?;
+            if let Some(done) = nothing_to_do(&before)? {
+                return Ok(done);
+            }
+            let mut migrator = migrator(Backend::Sqlite);
+            migrator.set_ignore_missing(true);
+            migrator.run(&mut *p.acquire().await?).await?;
+            let after = applied(store).await?;
+            Ok(newly_applied(&before, &after))
+        }
     }
 }
 
-/// Our own advisory lock key (not sqlx's, which it takes inside `Migrator::run`).
+/// PostgreSQL: the lock, the read, the migrations and the read back in
+/// **one transaction** on one connection. The lock is transaction-scoped
+/// (`pg_advisory_xact_lock`): of two concurrent migrates exactly one applies
+/// and reports the migrations, and the other waits, then finds them applied.
+/// One transaction is what a pooler in transaction pooling (PgBouncer) keeps
+/// on one server connection — a session lock, sqlx's own included (turned
+/// off), would stay behind on whichever server connection took it — and
+/// the migrations apply all or nothing. Before the commit the statements
+/// sqlx prepared are deallocated, so none is left on the server connection
+/// for its next client to collide with.
+async fn run_pg(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>, StoreError> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
+    // The migrator's IF NOT EXISTS notices are noise, not news.
+    sqlx::raw_sql("SET LOCAL client_min_messages = warning")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATE_LOCK_KEY)
+        .persistent(false)
+        .execute(&mut *tx)
+        .await?;
+    let before = applied_pg(&mut tx).await?;
+    let done = match nothing_to_do(&before)? {
+        Some(done) => done,
+        None => {
+            let mut migrator = migrator(Backend::Postgres);
+            migrator.set_ignore_missing(true);
+            migrator.set_locking(false);
+            migrator.run(&mut *tx).await?;
+            newly_applied(&before, &applied_pg(&mut tx).await?)
+        }
+    };
+    sqlx::raw_sql("DEALLOCATE ALL").execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// `Some(nothing applied)` when the schema needs nothing (not even the
+/// migrator's CREATE TABLE IF NOT EXISTS, whose "already exists, skipping"
+/// notice would end up in every start's log); an error when it is newer
+/// than this binary and not all compatible; `None`: apply.
+fn nothing_to_do(rows: &[(i64, bool, String)]) -> Result<Option<Vec<i64>>, StoreError> {
+    match compare(rows) {
+        state @ SchemaState::Ahead { .. } => Err(StoreError::Schema(state.problem())),
+        SchemaState::Current | SchemaState::AheadCompatible { .. } => Ok(Some(Vec::new())),
+        // Newer migrations a newer binary applied are all marked compatible
+        // here (else refused above): ours apply beside them.
+        _ => Ok(None),
+    }
+}
+
+fn newly_applied(before: &[(i64, bool, String)], after: &[(i64, bool, String)]) -> Vec<i64> {
+    after
+        .iter()
+        .map(|r| r.0)
+        .filter(|v| !before.iter().any(|b| b.0 == *v))
+        .collect()
+}
+
+/// A prepared statement lost between two transactions of one connection
+/// (SQLSTATE 26000, or 42P05 when a name comes back): the connection goes
+/// through a pooler in transaction pooling that does not keep prepared
+/// statements (PgBouncer before 1.21, or without `max_prepared_statements`).
+/// Say what to do about it.
+fn pooler(e: sqlx::Error) -> StoreError {
+    let code = match &e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    match code.as_deref() {
+        Some("26000" | "42P05") => StoreError::Schema(format!(
+            "{e}: the database connection does not keep prepared statements between transactions \
+             (a pooler such as PgBouncer in transaction pooling?); set database.migrate_url to a \
+             direct PostgreSQL URL for migrations"
+        )),
+        _ => StoreError::Query(e),
+    }
+}
+
+/// Our own advisory lock key (sqlx's own lock is turned off: see `run_pg`).
 const MIGRATE_LOCK_KEY: i64 = 0x6e6f_7465_7364_0001;
-
-async fn apply(store: &Store) -> Result<Vec<i64>, StoreError> {
-    let rows = applied(store).await?;
-    match compare(&rows) {
-        state @ SchemaState::Ahead { .. } => return Err(StoreError::Schema(state.problem())),
-        // Nothing to do: not even the migrator's CREATE TABLE IF NOT EXISTS,
-        // whose "already exists, skipping" notice would end up in every start's log.
-        SchemaState::Current | SchemaState::AheadCompatible { .. } => return Ok(Vec::new()),
-        _ => {}
-    }
-    let before: Vec<i64> = rows.iter().map(|r| r.0).collect();
-    let mut migrator = migrator(store.backend());
-    // Newer migrations a newer binary applied are all marked compatible here
-    // (else `compare` refused above): apply ours beside them.
-    migrator.set_ignore_missing(true);
-    match store {
-        Store::Postgres(p) => {
-            let mut c = p.acquire().await?;
-            // The migrator's IF NOT EXISTS notices are noise, not news.
-            sqlx::query("SET client_min_messages = warning")
-                .execute(&mut *c)
-                .await?;
-            migrator.run(&mut *c).await?;
-        }
-        Store::Sqlite(p) => migrator.run(&mut *p.acquire().await?).await?,
-    }
-    let after: Vec<i64> = applied(store).await?.iter().map(|r| r.0).collect();
-    Ok(after.into_iter().filter(|v| !before.contains(v)).collect())
-}
 
 /// Exclusive flock on `<db>.migrate.lock`, held until the returned file drops.
 pub fn lock_sqlite(db: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {

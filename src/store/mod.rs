@@ -47,6 +47,10 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    /// One failure answered to several requests (the list cache's shared
+    /// commit-token query).
+    #[error("{0}")]
+    Shared(std::sync::Arc<StoreError>),
 }
 
 impl StoreError {
@@ -55,6 +59,7 @@ impl StoreError {
         match self {
             StoreError::Connect { .. } | StoreError::Timeout(_) => true,
             StoreError::Query(e) => unavailable(e),
+            StoreError::Shared(e) => e.is_unavailable(),
             _ => false,
         }
     }
@@ -64,6 +69,9 @@ impl StoreError {
     /// maps to 507. Nothing was committed, reads still work, and writes
     /// succeed again by themselves once there is room.
     pub fn is_storage_full(&self) -> bool {
+        if let StoreError::Shared(e) = self {
+            return e.is_storage_full();
+        }
         let StoreError::Query(sqlx::Error::Database(db)) = self else {
             return false;
         };
@@ -132,7 +140,17 @@ pub struct Lite {
     options: std::sync::Arc<SqliteConnectOptions>,
     /// Opened on first use; `PRAGMA data_version` on it changes whenever any
     /// other connection (any worker, `notesd seed`, the sqlite3 shell) commits.
-    watcher: std::sync::Arc<tokio::sync::Mutex<Option<SqliteConnection>>>,
+    watcher: std::sync::Arc<tokio::sync::Mutex<Watcher>>,
+}
+
+/// The connection behind SQLite's [`CommitToken`], and how many times it
+/// was opened. `data_version` is per connection and starts low again on a
+/// new one, so a token is the pair (epoch, version): a token read before a
+/// reopen never equals one read after it, though their versions may.
+#[derive(Default)]
+struct Watcher {
+    conn: Option<SqliteConnection>,
+    epoch: u64,
 }
 
 impl std::fmt::Debug for Lite {
@@ -153,11 +171,13 @@ impl std::ops::Deref for Lite {
 /// `pg_current_snapshot()` (xmin:xmax:in-progress xids — any transaction
 /// that wrote moves it, in this database or another of the cluster, which
 /// costs at most a needless re-read). SQLite: `PRAGMA data_version` on the
-/// watcher connection.
+/// watcher connection, with the number of times that connection was opened
+/// (see `Watcher`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitToken {
     Pg(String),
-    Lite(i64),
+    /// (the watcher connection's epoch, its `data_version`).
+    Lite(u64, i64),
 }
 
 /// Who is connecting: workers never create the SQLite file; `migrate` does.
@@ -310,20 +330,22 @@ impl Store {
             Store::Sqlite(lite) => {
                 use sqlx::Connection;
                 let mut watcher = lite.watcher.lock().await;
-                if watcher.is_none() {
-                    *watcher = Some(SqliteConnection::connect_with(&lite.options).await?);
+                if watcher.conn.is_none() {
+                    watcher.conn = Some(SqliteConnection::connect_with(&lite.options).await?);
+                    watcher.epoch += 1;
                 }
-                let Some(conn) = watcher.as_mut() else {
+                let epoch = watcher.epoch;
+                let Some(conn) = watcher.conn.as_mut() else {
                     return Err(StoreError::Query(sqlx::Error::PoolClosed));
                 };
                 let version: Result<i64, sqlx::Error> = sqlx::query_scalar("PRAGMA data_version")
                     .fetch_one(&mut *conn)
                     .await;
                 if version.is_err() {
-                    // Reopened on the next call.
-                    *watcher = None;
+                    // Reopened (a new epoch) on the next call.
+                    watcher.conn = None;
                 }
-                Ok(CommitToken::Lite(version?))
+                Ok(CommitToken::Lite(epoch, version?))
             }
         }
     }
@@ -369,6 +391,45 @@ mod tests {
         for code in ["1", "19", "2067", "53300"] {
             assert!(!unavailable_code(Sqlite, code), "{code}");
         }
+    }
+
+    /// A reopened watcher starts `data_version` low again: a token from
+    /// before the reopen must not match one from after it.
+    #[tokio::test]
+    async fn a_reopened_watcher_never_repeats_a_token() {
+        let dir = std::env::temp_dir().join(format!("notesd-watcher-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let cfg = DatabaseConfig {
+            url: format!("sqlite://{}", dir.join("w.db").display()),
+            ..DatabaseConfig::default()
+        };
+        let store = Store::connect(&cfg, Purpose::Migrate, Duration::from_secs(5))
+            .await
+            .expect("open");
+        let first = store.commit_token().await.expect("token");
+        assert_eq!(
+            store.commit_token().await.expect("token"),
+            first,
+            "nothing committed"
+        );
+        let Store::Sqlite(lite) = &store else {
+            panic!("a SQLite store")
+        };
+        // What an error on the watcher does: the next call reopens it.
+        lite.watcher.lock().await.conn = None;
+        let after = store.commit_token().await.expect("token");
+        let (CommitToken::Lite(e1, v1), CommitToken::Lite(e2, v2)) = (&first, &after) else {
+            panic!("SQLite tokens")
+        };
+        assert_eq!(
+            v1, v2,
+            "the premise: a new connection's data_version starts over"
+        );
+        assert_ne!(e1, e2);
+        assert_ne!(first, after);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

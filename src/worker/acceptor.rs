@@ -36,18 +36,34 @@
 //! count (the `accepted` column).
 //!
 //! Stop. [`Acceptor::stop`] unregisters the listeners (no more wake-ups here;
-//! the other workers take the connections) and ends [`Acceptor::next`] once
-//! what was accepted before is handed over: a draining worker serves every
-//! connection it took.
+//! the other workers take the connections: a reload, a recycle, a quick
+//! stop) and ends [`Acceptor::next`] once what was accepted before is handed
+//! over: a draining worker serves every connection it took.
+//! [`Acceptor::close_when_empty`] is the shutdown's stop (docs/design.md §4.12):
+//! the listener is about to close for good, and closing a listening socket
+//! resets every connection still in its queue, so each listener is accepted
+//! from until `accept` says it is empty (`EAGAIN`), then unregistered and
+//! closed at once; the worker stops accepting once all are closed.
+//!
+//! Errors. `EMFILE`, `ENFILE`, `ENOBUFS` and `ENOMEM` leave the connection
+//! queued and the listener readable: the worker *pauses* — unregisters its
+//! listeners, so that it is not woken for them and other workers take the
+//! queue — and tries again after [`PAUSE`], without ever sleeping on its one
+//! thread (which serves the connections it has at normal latency). One line
+//! is logged when an episode starts and one when it ends, with the count.
+//! The errors `accept(2)` lists for a connection that failed on its own
+//! (`ECONNABORTED`, `EPROTO`, the network ones) skip that connection and go on.
 //!
 //! Layout: [`Acceptor`] (shared by the park hook and the accept task),
-//! [`Accepted`] (one connection), `take` (accept from one listener),
+//! [`Accepted`] (one connection), `Listen` (one listener, closed when
+//! emptied), `Pause` (an episode of accept errors), `take` (accept from one
+//! listener), [`classify`] (what an `accept` result means),
 //! [`runtime_epoll`] (finding tokio's epoll descriptor).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -73,9 +89,10 @@ const RUNTIME_KEY: u64 = u64::MAX;
 /// balance); the bound keeps a burst from landing on one worker.
 const ACCEPT_BATCH: usize = 8;
 
-/// How long to back off after an accept error that is not the client's
-/// (EMFILE, ENFILE, ENOBUFS, ENOMEM): the listener stays readable.
-const ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a worker stops accepting after an error that is not the
+/// client's (EMFILE, ENFILE, ENOBUFS, ENOMEM): the connection stays queued,
+/// for another worker or for this one once a descriptor or memory is free.
+const PAUSE: Duration = Duration::from_millis(100);
 
 /// A connection taken off a listener.
 pub(crate) struct Accepted {
@@ -107,14 +124,50 @@ pub(crate) struct Acceptor {
 struct Inner {
     /// The listeners (exclusive) and tokio's epoll.
     epoll: Epoll,
-    /// (is unix, listener), indexed by epoll key.
-    listeners: Vec<(bool, OwnedFd)>,
+    /// Indexed by epoll key.
+    listeners: Vec<Listen>,
     /// Accepted, not yet handed to the accept task.
     queue: Mutex<VecDeque<Accepted>>,
     /// Wakes the accept task.
     ready: Notify,
     /// No more accepting (drain).
     stopped: AtomicBool,
+    /// Shutdown: accept until each listener is empty, then close it.
+    closing: AtomicBool,
+    /// An episode of accept errors, while it lasts.
+    pause: Mutex<Option<Pause>>,
+}
+
+/// One inherited listener.
+struct Listen {
+    /// A unix listener (else TCP).
+    unix: bool,
+    /// `None` once emptied and closed (shutdown).
+    fd: Mutex<Option<OwnedFd>>,
+}
+
+/// Accepting is paused after an error that is not the client's.
+struct Pause {
+    /// `CLOCK_MONOTONIC` time to try again.
+    until: Duration,
+    /// When the episode started, its first error, how many accepts failed.
+    since: Duration,
+    first: Errno,
+    failures: u64,
+}
+
+/// What one `accept4` call means for the loop around it.
+#[derive(Debug)]
+enum Outcome {
+    /// A connection.
+    Conn(OwnedFd),
+    /// Nothing is queued (or another worker was faster).
+    Empty,
+    /// This connection failed on its own (the client gave up, a network
+    /// error): it is gone from the queue; go on with the next one.
+    Skip,
+    /// Out of descriptors, buffers or memory: the connection stays queued.
+    Exhausted(Errno),
 }
 
 impl Acceptor {
@@ -136,10 +189,18 @@ impl Acceptor {
             .map_err(AcceptorError::Epoll)?;
         let inner = Inner {
             epoll,
-            listeners,
+            listeners: listeners
+                .into_iter()
+                .map(|(unix, fd)| Listen {
+                    unix,
+                    fd: Mutex::new(Some(fd)),
+                })
+                .collect(),
             queue: Mutex::new(VecDeque::new()),
             ready: Notify::new(),
             stopped: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            pause: Mutex::new(None),
         };
         self.inner.set(inner).map_err(|_| AcceptorError::Started)
     }
@@ -162,11 +223,10 @@ impl Acceptor {
         for e in &events[..n] {
             match e.data() {
                 RUNTIME_KEY => runtime_ready = true,
-                key => {
-                    inner.take(key as usize);
-                }
+                key => inner.take(key as usize),
             }
         }
+        inner.resume_if_due();
         if !runtime_ready || !inner.queue_is_empty() {
             inner.ready.notify_one();
         }
@@ -190,24 +250,42 @@ impl Acceptor {
                 biased;
                 () = notified => {}
                 _ = check.tick() => {
-                    for key in 0..inner.listeners.len() {
-                        inner.take(key);
-                    }
+                    inner.resume_if_due();
+                    inner.take_all();
                 }
             }
         }
     }
 
     /// Stop accepting: unregister the listeners; `next` ends once the queue
-    /// is empty.
+    /// is empty. What is still queued on them is left to the other workers
+    /// (reload, recycle) or to whoever holds the socket (systemd).
     pub(crate) fn stop(&self) {
         let Some(inner) = self.inner.get() else {
             return;
         };
         inner.stopped.store(true, Ordering::Release);
-        for (_, fd) in &inner.listeners {
-            let _ = inner.epoll.delete(fd);
+        for l in &inner.listeners {
+            if let Some(fd) = lock(&l.fd).as_ref() {
+                let _ = inner.epoll.delete(fd);
+            }
         }
+        inner.ready.notify_one();
+    }
+
+    /// Shutdown: accept what each listener has queued until it is empty,
+    /// closing each as it empties; `next` ends once all are closed and what
+    /// they held is handed over. Nothing the kernel queued is reset by our
+    /// close (a connection racing the last close can be refused).
+    pub(crate) fn close_when_empty(&self) {
+        let Some(inner) = self.inner.get() else {
+            return;
+        };
+        if inner.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        inner.closing.store(true, Ordering::Release);
+        inner.take_all();
         inner.ready.notify_one();
     }
 }
@@ -224,32 +302,71 @@ fn exclusive(key: u64) -> EpollEvent {
     EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE, key)
 }
 
+/// Every lock here is taken and released on the worker's one thread, never
+/// across an await: a poisoned one still holds consistent data.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Inner {
     fn pop(&self) -> Option<Accepted> {
-        self.queue.lock().ok()?.pop_front()
+        lock(&self.queue).pop_front()
     }
 
     fn queue_is_empty(&self) -> bool {
-        self.queue.lock().map(|q| q.is_empty()).unwrap_or(true)
+        lock(&self.queue).is_empty()
     }
 
-    /// Accept what is queued on listener `key`, up to [`ACCEPT_BATCH`], then
-    /// move this worker to the tail of the listener's wait queue (see the
-    /// module doc). More queued connections keep the listener ready: the next
-    /// park takes them, unless an idle worker has taken them first.
+    fn take_all(&self) {
+        for key in 0..self.listeners.len() {
+            self.take(key);
+        }
+    }
+
+    /// Accept what is queued on listener `key` — up to [`ACCEPT_BATCH`], or
+    /// all of it when closing — then move this worker to the tail of the
+    /// listener's wait queue (see the module doc). More queued connections
+    /// keep the listener ready: the next park takes them, unless an idle
+    /// worker has taken them first.
     fn take(&self, key: usize) {
-        let Some((unix, listener)) = self.listeners.get(key) else {
+        let Some(listen) = self.listeners.get(key) else {
             return;
         };
+        let mut fd = lock(&listen.fd);
+        let Some(listener) = fd.as_ref() else {
+            return;
+        };
+        let closing = self.closing.load(Ordering::Acquire);
+        let batch = if closing { usize::MAX } else { ACCEPT_BATCH };
         let mut taken = 0;
-        while taken < ACCEPT_BATCH && !self.stopped.load(Ordering::Acquire) {
-            let Some(fd) = accept_one(listener) else {
-                break;
-            };
-            if let Ok(mut q) = self.queue.lock() {
-                q.push_back(Accepted { unix: *unix, fd });
+        let mut exhausted = None;
+        while taken < batch && !self.stopped.load(Ordering::Acquire) && !self.paused() {
+            match accept_one(listener) {
+                Outcome::Conn(conn) => {
+                    lock(&self.queue).push_back(Accepted {
+                        unix: listen.unix,
+                        fd: conn,
+                    });
+                    taken += 1;
+                }
+                Outcome::Skip => {}
+                Outcome::Exhausted(e) => exhausted = Some(e),
+                Outcome::Empty if closing => {
+                    // Emptied: close it now, so that nothing queues on it
+                    // behind our back (the kernel would reset that).
+                    let _ = self.epoll.delete(listener);
+                    *fd = None;
+                    drop(fd);
+                    self.closed_one();
+                    return;
+                }
+                Outcome::Empty => break,
             }
-            taken += 1;
+            if let Some(e) = exhausted {
+                drop(fd);
+                self.pause_for(e);
+                return;
+            }
         }
         if taken > 0 {
             let moved = self
@@ -261,30 +378,122 @@ impl Inner {
             }
         }
     }
-}
 
-/// One connection off `listener`, or `None` when there is none to take now.
-fn accept_one(listener: &OwnedFd) -> Option<OwnedFd> {
-    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-    match accept4(listener.as_raw_fd(), flags) {
-        // SAFETY: accept4 returned a new descriptor that nothing else owns.
-        Ok(fd) => Some(unsafe { OwnedFd::from_raw_fd(fd) }),
-        // Another worker was faster, or the client gave up in the queue.
-        Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNABORTED) => None,
-        Err(e) => {
-            accept_failed(e);
-            None
+    /// A listener was emptied and closed; once all are, accepting is over.
+    fn closed_one(&self) {
+        if self.listeners.iter().all(|l| lock(&l.fd).is_none()) {
+            tracing::debug!("every listener emptied and closed");
+            self.stopped.store(true, Ordering::Release);
+            self.ready.notify_one();
+        }
+    }
+
+    fn paused(&self) -> bool {
+        lock(&self.pause).is_some()
+    }
+
+    /// Out of descriptors or memory: stop watching the listeners for
+    /// [`PAUSE`] (the queue waits, or goes to another worker).
+    fn pause_for(&self, e: Errno) {
+        let now = clock::now();
+        let mut pause = lock(&self.pause);
+        match pause.as_mut() {
+            Some(p) => {
+                p.failures += 1;
+                p.until = now + PAUSE;
+            }
+            None => {
+                tracing::warn!(
+                    "accept failed: {e}; not accepting for now (retrying every {} ms), the open connections are served as usual",
+                    PAUSE.as_millis()
+                );
+                *pause = Some(Pause {
+                    until: now + PAUSE,
+                    since: now,
+                    first: e,
+                    failures: 1,
+                });
+                for l in &self.listeners {
+                    if let Some(fd) = lock(&l.fd).as_ref() {
+                        let _ = self.epoll.delete(fd);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A pause whose time is up ends: the listeners are watched again, and
+    /// what they queued meanwhile is taken. Another error starts another pause
+    /// at once, within the same episode.
+    fn resume_if_due(&self) {
+        let Some(episode) = lock(&self.pause).take_if(|p| clock::now() >= p.until) else {
+            return;
+        };
+        if !self.stopped.load(Ordering::Acquire) {
+            for (key, l) in self.listeners.iter().enumerate() {
+                if let Some(fd) = lock(&l.fd).as_ref()
+                    && let Err(e) = self.epoll.add(fd, exclusive(key as u64))
+                {
+                    tracing::error!("cannot watch a listener again after a pause: {e}");
+                }
+            }
+        }
+        self.take_all();
+        match lock(&self.pause).as_mut() {
+            // Still failing: the same episode goes on.
+            Some(p) => {
+                p.since = episode.since;
+                p.first = episode.first;
+                p.failures += episode.failures;
+            }
+            None => tracing::warn!(
+                "accepting again: {} accept(s) failed with {} (first) over {:.1} s",
+                episode.failures,
+                episode.first,
+                clock::now().saturating_sub(episode.since).as_secs_f64()
+            ),
         }
     }
 }
 
-fn accept_failed(e: Errno) {
-    static ACCEPT_FAILED: crate::log::Throttle = crate::log::Throttle::new();
-    if let Some(skipped) = ACCEPT_FAILED.admit(clock::now()) {
-        let note = crate::log::skipped_note(skipped);
-        tracing::warn!("accept failed: {e}{note}");
+/// One `accept4` on `listener`.
+fn accept_one(listener: &OwnedFd) -> Outcome {
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    match accept4(listener.as_raw_fd(), flags) {
+        // SAFETY: accept4 returned a new descriptor that nothing else owns.
+        Ok(fd) => Outcome::Conn(unsafe { OwnedFd::from_raw_fd(fd) }),
+        Err(e) => classify(e),
     }
-    std::thread::sleep(ERROR_BACKOFF);
+}
+
+/// What an `accept4` error means (accept(2), "Error handling": the network
+/// errors of a pending connection are reported by accept and are to be
+/// treated like EAGAIN by retrying).
+fn classify(e: Errno) -> Outcome {
+    match e {
+        Errno::EAGAIN | Errno::EINTR => Outcome::Empty,
+        Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM => Outcome::Exhausted(e),
+        Errno::ECONNABORTED
+        | Errno::EPROTO
+        | Errno::EPERM
+        | Errno::ENETDOWN
+        | Errno::ENOPROTOOPT
+        | Errno::EHOSTDOWN
+        | Errno::ENONET
+        | Errno::EHOSTUNREACH
+        | Errno::EOPNOTSUPP
+        | Errno::ENETUNREACH
+        | Errno::ETIMEDOUT => Outcome::Skip,
+        // EBADF, EINVAL, ENOTSOCK: not a listener any more; nothing to take.
+        e => {
+            static ODD: crate::log::Throttle = crate::log::Throttle::new();
+            if let Some(skipped) = ODD.admit(clock::now()) {
+                let note = crate::log::skipped_note(skipped);
+                tracing::warn!("accept failed: {e}{note}");
+            }
+            Outcome::Empty
+        }
+    }
 }
 
 /// The epoll descriptors open in this process.
@@ -319,4 +528,28 @@ pub(crate) fn runtime_epoll(before: &[RawFd]) -> Result<RawFd, AcceptorError> {
 /// What the park hook captures.
 pub(crate) fn hook(acceptor: Arc<Acceptor>) -> impl Fn() + Send + Sync + 'static {
     move || acceptor.park()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_are_sorted_by_whose_they_are() {
+        assert!(matches!(classify(Errno::EAGAIN), Outcome::Empty));
+        for e in [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM] {
+            assert!(
+                matches!(classify(e), Outcome::Exhausted(x) if x == e),
+                "{e}"
+            );
+        }
+        for e in [
+            Errno::ECONNABORTED,
+            Errno::EPROTO,
+            Errno::ENETUNREACH,
+            Errno::EPERM,
+        ] {
+            assert!(matches!(classify(e), Outcome::Skip), "{e}");
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! Accept loop, one hyper HTTP/1.1 connection per task, graceful drain.
 //!
-//! Drain (SIGTERM, master gone): stop accepting; every response from then on
+//! Drain (SIGTERM, master gone): stop accepting — after serving what the
+//! listeners have queued, when they close for good (a shutdown, the master
+//! gone: see `empties_the_queues`); every response from then on
 //! carries `Connection: close`, so each connection ends after the request it
 //! is serving or the next one that arrives; idle ones end at `keepalive`.
 //! The worker exits when the last connection is gone, or at `graceful_timeout`.
@@ -27,7 +29,7 @@ use crate::config::Config;
 use crate::http::list_cache::ListCache;
 use crate::http::{self, ApiError, AppState, Body};
 use crate::ipc::ToMaster;
-use crate::scoreboard::{Slot, WorkerPhase};
+use crate::scoreboard::{Flags, Slot, WorkerPhase};
 use crate::store::Store;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -192,7 +194,11 @@ pub(crate) async fn run(shared: Arc<Shared>, acceptor: Arc<Acceptor>, life: Life
     let builder = Arc::new(builder);
     let accepting = tokio::spawn(serve_accepted(acceptor.clone(), shared.clone(), builder));
     let why = life.stopped().await;
-    acceptor.stop();
+    if empties_the_queues(why, shared.slot.board().flags()) {
+        acceptor.close_when_empty();
+    } else {
+        acceptor.stop();
+    }
     shared.draining.store(true, Ordering::Release);
     shared.slot.set_phase(WorkerPhase::Draining);
     if why == Stop::Now {
@@ -222,6 +228,20 @@ pub(crate) async fn run(shared: Arc<Shared>, acceptor: Arc<Acceptor>, life: Life
         _ = life.stopped_now() => {}
     }
     why
+}
+
+/// Does this stop close the listeners for good, so that what is queued on
+/// them must be served first? A TERM while the master is stopping, or the
+/// master's death — unless the listeners are systemd's, which keeps them
+/// and their queue for the next start. A reload or recycle stops accepting
+/// at once: the other workers take the queue.
+fn empties_the_queues(why: Stop, flags: Flags) -> bool {
+    let closing = match why {
+        Stop::Drain => flags.has(Flags::STOPPING),
+        Stop::MasterGone => true,
+        Stop::Now => false,
+    };
+    closing && !flags.has(Flags::ACTIVATED)
 }
 
 /// Serve what the accept path hands over until it stops (see [`super::acceptor`]).
@@ -446,6 +466,21 @@ mod tests {
         for f in ["status=201", "request_id=\"rid-1\"", "pid=42"] {
             assert!(fields.iter().any(|x| x == f), "{f} in {fields:?}");
         }
+    }
+
+    #[test]
+    fn only_a_final_stop_empties_the_queues_and_never_systemds() {
+        let stopping = Flags(Flags::STOPPING);
+        assert!(empties_the_queues(Stop::Drain, stopping));
+        assert!(
+            !empties_the_queues(Stop::Drain, Flags::default()),
+            "reload, recycle"
+        );
+        assert!(empties_the_queues(Stop::MasterGone, Flags::default()));
+        assert!(!empties_the_queues(Stop::Now, stopping));
+        let activated = Flags(Flags::STOPPING | Flags::ACTIVATED);
+        assert!(!empties_the_queues(Stop::Drain, activated));
+        assert!(!empties_the_queues(Stop::MasterGone, activated));
     }
 
     #[test]

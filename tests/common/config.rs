@@ -20,6 +20,8 @@ pub struct TestOptions {
     pub log_level: String,
     /// Extra `key = value` lines placed inside `[server]`.
     pub server_extra: String,
+    /// Extra `key = value` lines placed inside `[database]`.
+    pub database_extra: String,
     /// Extra TOML appended at the end of the file (whole tables, e.g. `[http]`).
     pub extra_toml: String,
     /// Extra environment for `notesd serve`.
@@ -70,6 +72,7 @@ impl Default for TestOptions {
             migrate_on_start: true,
             log_level: "info".to_string(),
             server_extra: String::new(),
+            database_extra: String::new(),
             extra_toml: String::new(),
             env: Vec::new(),
             debug_routes: true,
@@ -160,9 +163,16 @@ pub fn render_config(paths: &ServerPaths, opts: &TestOptions) -> String {
         text.push('\n');
     }
     text.push_str(&format!(
-        "\n[database]\nurl = {}\nmigrate_on_start = {}\n\n[log]\nlevel = {}\nformat = {}\n",
+        "\n[database]\nurl = {}\nmigrate_on_start = {}\n",
         toml_str(&db_url),
         opts.migrate_on_start,
+    ));
+    if !opts.database_extra.is_empty() {
+        text.push_str(opts.database_extra.trim_end());
+        text.push('\n');
+    }
+    text.push_str(&format!(
+        "\n[log]\nlevel = {}\nformat = {}\n",
         toml_str(&opts.log_level),
         toml_str(&opts.log_format),
     ));

@@ -318,7 +318,7 @@ pub fn nginx_figures(nginx: &Nginx) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// 7. Zero lost writes
+// 8. Zero lost writes
 // ---------------------------------------------------------------------------
 
 /// Every id acknowledged with a 201 is there (one list walk over the socket).

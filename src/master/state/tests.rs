@@ -234,7 +234,10 @@ fn reload_keeps_capacity_and_stops_old_only_after_new_are_ready() {
     sim.run(Event::Started);
     sim.ready_all_booting();
     let old = sim.pids("ready");
-    let a = sim.run(Event::Reload(Ok(config(2))));
+    let a = sim.run(Event::Reload {
+        ticket: 0,
+        config: Ok(config(2)),
+    });
     assert_eq!(
         a.iter()
             .filter(|a| matches!(a, Action::Spawn { .. }))
@@ -278,7 +281,10 @@ fn reload_to_more_workers() {
     let mut sim = Sim::new(2);
     sim.run(Event::Started);
     sim.ready_all_booting();
-    let a = sim.run(Event::Reload(Ok(config(4))));
+    let a = sim.run(Event::Reload {
+        ticket: 0,
+        config: Ok(config(4)),
+    });
     assert_eq!(
         a.iter()
             .filter(|a| matches!(a, Action::Spawn { .. }))
@@ -302,7 +308,10 @@ fn reload_whose_workers_cannot_boot_keeps_the_old_generation() {
     sim.run(Event::Started);
     sim.ready_all_booting();
     let old = sim.pids("ready");
-    sim.run(Event::Reload(Ok(config(2))));
+    sim.run(Event::Reload {
+        ticket: 0,
+        config: Ok(config(2)),
+    });
     for pid in sim.pids("booting") {
         sim.exit(pid, 3);
     }
@@ -326,7 +335,10 @@ fn invalid_reload_config_is_refused() {
     let mut sim = Sim::new(2);
     sim.run(Event::Started);
     sim.ready_all_booting();
-    let a = sim.run(Event::Reload(Err("server.workers: invalid type".into())));
+    let a = sim.run(Event::Reload {
+        ticket: 0,
+        config: Err("server.workers: invalid type".into()),
+    });
     assert!(
         !a.iter()
             .any(|a| matches!(a, Action::Spawn { .. } | Action::Signal { .. }))
@@ -474,6 +486,99 @@ fn graceful_shutdown_drains_then_kills_laggards_then_exits_0() {
 }
 
 #[test]
+fn a_graceful_stop_closes_the_listeners_before_telling_the_workers() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let acts = sim.run(Event::Signal(Sig::Term));
+    let at = |want: fn(&Action) -> bool| acts.iter().position(want);
+    let flag = at(|a| matches!(a, Action::ShuttingDown)).expect("ShuttingDown");
+    let close = at(|a| matches!(a, Action::CloseListeners)).expect("CloseListeners");
+    let term = at(|a| {
+        matches!(
+            a,
+            Action::Signal {
+                sig: WorkerSig::Term,
+                ..
+            }
+        )
+    })
+    .expect("TERM");
+    assert!(flag < term && close < term, "{acts:?}");
+    // INT and QUIT do not wait for queues.
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let acts = sim.run(Event::Signal(Sig::Quit));
+    assert!(!acts.iter().any(|a| matches!(a, Action::CloseListeners)));
+}
+
+fn with_shutdown_delay(secs: u64) -> Sim {
+    let mut c = (*config(2)).clone();
+    c.server.shutdown_delay = secs;
+    let mut sim = Sim::new(2);
+    sim.state = State::new(Arc::new(c), 64, sim.now);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    sim
+}
+
+#[test]
+fn shutdown_delay_keeps_serving_then_stops() {
+    let mut sim = with_shutdown_delay(3);
+    let acts = sim.run(Event::Signal(Sig::Term));
+    assert!(acts.iter().any(|a| matches!(a, Action::ShuttingDown)));
+    assert!(has_notify(&acts, Notify::Stopping));
+    assert!(signals(&acts, WorkerSig::Term).is_empty(), "{acts:?}");
+    assert!(!acts.iter().any(|a| matches!(a, Action::CloseListeners)));
+    assert_eq!(sim.state.phase_name(), "shutdown-delay");
+    // A worker that dies meanwhile is replaced; a second TERM changes nothing.
+    let [a, _] = sim.pids("ready")[..] else {
+        panic!("two workers")
+    };
+    let acts = sim.exit(a, 1);
+    assert_eq!(
+        acts.iter()
+            .filter(|a| matches!(a, Action::Spawn { .. }))
+            .count(),
+        1
+    );
+    sim.ready_all_booting();
+    assert!(sim.run(Event::Signal(Sig::Term)).is_empty());
+    // A reload is refused.
+    let acts = sim.run(Event::Reload {
+        ticket: 0,
+        config: Ok(config(2)),
+    });
+    assert!(matches!(
+        &reload_outcomes(&acts)[..],
+        [ReloadOutcome::Refused(_)]
+    ));
+    assert!(sim.state.snapshot().is_err(), "no handover while stopping");
+    sim.advance(2 * S);
+    let acts = sim.run(Event::Tick {
+        heartbeats: sim.beats(sim.now),
+    });
+    assert!(signals(&acts, WorkerSig::Term).is_empty());
+    sim.advance(S);
+    let acts = sim.run(Event::Tick {
+        heartbeats: sim.beats(sim.now),
+    });
+    assert!(acts.iter().any(|a| matches!(a, Action::CloseListeners)));
+    assert_eq!(signals(&acts, WorkerSig::Term).len(), 2);
+    assert_eq!(sim.state.phase_name(), "stopping");
+}
+
+#[test]
+fn int_during_the_shutdown_delay_stops_at_once() {
+    let mut sim = with_shutdown_delay(30);
+    sim.run(Event::Signal(Sig::Term));
+    let acts = sim.run(Event::Signal(Sig::Int));
+    assert_eq!(signals(&acts, WorkerSig::Quit).len(), 2);
+    assert_eq!(sim.state.phase_name(), "stopping");
+}
+
+#[test]
 fn quick_shutdown_sends_quit() {
     let mut sim = Sim::new(2);
     sim.run(Event::Started);
@@ -499,10 +604,69 @@ fn reload_outcomes(actions: &[Action]) -> Vec<ReloadOutcome> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::ReloadDone(o) => Some(o.clone()),
+            Action::ReloadDone { outcome, .. } => Some(outcome.clone()),
             _ => None,
         })
         .collect()
+}
+
+fn done_tickets(actions: &[Action]) -> Vec<(Vec<Ticket>, ReloadOutcome)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ReloadDone { tickets, outcome } => Some((tickets.clone(), outcome.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn each_reload_request_is_answered_by_its_own_outcome() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    assert!(
+        done_tickets(&sim.run(Event::Reload {
+            ticket: 1,
+            config: Ok(config(2))
+        }))
+        .is_empty()
+    );
+    // An invalid config during the reload: refused, to its own request only.
+    let a = sim.run(Event::Reload {
+        ticket: 2,
+        config: Err("bad".into()),
+    });
+    assert!(
+        matches!(&done_tickets(&a)[..], [(t, ReloadOutcome::Refused(_))] if *t == vec![2]),
+        "{a:?}"
+    );
+    // A valid one supersedes the first: both are answered when it completes.
+    sim.run(Event::Reload {
+        ticket: 3,
+        config: Ok(config(2)),
+    });
+    sim.ready_all_booting();
+    let done: Vec<_> = sim
+        .log
+        .iter()
+        .filter_map(|a| match a {
+            Action::ReloadDone {
+                tickets,
+                outcome: ReloadOutcome::Complete { .. },
+            } => Some(tickets.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(done, vec![vec![1, 3]]);
+    // Refused while stopping: its own request.
+    let a = sim.run(Event::Signal(Sig::Term));
+    assert!(done_tickets(&a).is_empty(), "no reload under way: {a:?}");
+    let a = sim.run(Event::Reload {
+        ticket: 4,
+        config: Ok(config(2)),
+    });
+    assert!(matches!(&done_tickets(&a)[..], [(t, ReloadOutcome::Refused(_))] if *t == vec![4]));
 }
 
 /// D4: a worker whose scoreboard slot shows no heartbeat of its own (the
@@ -535,7 +699,10 @@ fn a_reload_reports_complete_once_the_new_generation_serves() {
     let mut sim = Sim::new(2);
     sim.run(Event::Started);
     sim.ready_all_booting();
-    let a = sim.run(Event::Reload(Ok(config(2))));
+    let a = sim.run(Event::Reload {
+        ticket: 0,
+        config: Ok(config(2)),
+    });
     assert!(has_notify(&a, Notify::Reloading), "RELOADING=1 first");
     assert!(
         reload_outcomes(&a).is_empty(),
@@ -556,8 +723,14 @@ fn a_superseded_reload_is_answered_by_the_one_that_completes() {
     let mut sim = Sim::new(1);
     sim.run(Event::Started);
     sim.ready_all_booting();
-    sim.run(Event::Reload(Ok(config(1))));
-    sim.run(Event::Reload(Ok(config(1))));
+    sim.run(Event::Reload {
+        ticket: 0,
+        config: Ok(config(1)),
+    });
+    sim.run(Event::Reload {
+        ticket: 0,
+        config: Ok(config(1)),
+    });
     sim.ready_all_booting();
     assert_eq!(
         reload_outcomes(&sim.log),
@@ -573,12 +746,18 @@ fn refused_and_abandoned_reloads_say_why() {
     let mut sim = Sim::new(2);
     sim.run(Event::Started);
     sim.ready_all_booting();
-    let a = sim.run(Event::Reload(Err("server.workers: invalid type".into())));
+    let a = sim.run(Event::Reload {
+        ticket: 0,
+        config: Err("server.workers: invalid type".into()),
+    });
     assert!(
         matches!(&reload_outcomes(&a)[..], [ReloadOutcome::Refused(m)] if m.contains("server.workers")),
         "{a:?}"
     );
-    sim.run(Event::Reload(Ok(config(2))));
+    sim.run(Event::Reload {
+        ticket: 0,
+        config: Ok(config(2)),
+    });
     let mut acts = Vec::new();
     for pid in sim.pids("booting") {
         acts.extend(sim.exit(pid, 3));
@@ -594,13 +773,19 @@ fn a_shutdown_abandons_the_reload_and_a_reload_during_shutdown_is_refused() {
     let mut sim = Sim::new(2);
     sim.run(Event::Started);
     sim.ready_all_booting();
-    sim.run(Event::Reload(Ok(config(2))));
+    sim.run(Event::Reload {
+        ticket: 0,
+        config: Ok(config(2)),
+    });
     let a = sim.run(Event::Signal(Sig::Term));
     assert!(
         matches!(&reload_outcomes(&a)[..], [ReloadOutcome::Abandoned(m)] if m.contains("shutting down")),
         "{a:?}"
     );
-    let a = sim.run(Event::Reload(Ok(config(2))));
+    let a = sim.run(Event::Reload {
+        ticket: 0,
+        config: Ok(config(2)),
+    });
     assert!(
         !has_notify(&a, Notify::Reloading),
         "no RELOADING=1 that no READY would follow: {a:?}"
@@ -618,7 +803,10 @@ fn a_settled_master_hands_over_and_the_new_image_carries_on() {
     assert!(sim.state.snapshot().is_err(), "not while starting");
     sim.run(Event::Started);
     sim.ready_all_booting();
-    sim.run(Event::Reload(Ok(config(2))));
+    sim.run(Event::Reload {
+        ticket: 0,
+        config: Ok(config(2)),
+    });
     assert!(sim.state.snapshot().is_err(), "not during a reload");
     sim.ready_all_booting();
     let old = sim.pids("stopping");
@@ -651,7 +839,13 @@ fn a_settled_master_hands_over_and_the_new_image_carries_on() {
         );
     }
     // The reload after the exec starts generation 3, not 1 again.
-    let acts = resumed.handle(Event::Reload(Ok(config(2))), sim.now);
+    let acts = resumed.handle(
+        Event::Reload {
+            ticket: 0,
+            config: Ok(config(2)),
+        },
+        sim.now,
+    );
     assert!(
         acts.iter()
             .any(|a| matches!(a, Action::Spawn { generation: 3, .. })),
@@ -675,9 +869,15 @@ fn configs_of_finished_generations_are_forgotten() {
     sim.ready_all_booting();
     for round in 0..50 {
         let old = sim.pids("ready");
-        sim.run(Event::Reload(Ok(config(2))));
+        sim.run(Event::Reload {
+            ticket: 0,
+            config: Ok(config(2)),
+        });
         // A refused reload hands out no generation.
-        sim.run(Event::Reload(Err("bad config".into())));
+        sim.run(Event::Reload {
+            ticket: 0,
+            config: Err("bad config".into()),
+        });
         sim.ready_all_booting();
         for pid in old {
             sim.exit(pid, 0);
