@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # End-to-end test of the Debian package, on this machine, for real.
 #
-#   build the .deb (cargo deb) → dpkg -i → package layout, conffiles,
-#   permissions, user → systemd-analyze verify + security (≤ 2.0) on the installed
-#   units → run the installed unit's own ExecStartPre/ExecStart/ExecReload lines
-#   (parsed from it) as its User= with its Environment=, UMask=, RuntimeDirectory=,
+#   build the .deb (packaging/build-deb: cargo deb, then md5sums) → its
+#   contents, md5sums, changelog → lintian (no errors, no warnings) → dpkg -i →
+#   package layout, dpkg --verify, conffiles, permissions, user →
+#   systemd-analyze verify + security (≤ 2.0) on the installed units → run the
+#   installed unit's own ExecStartPre/ExecStart/ExecReload lines (parsed from
+#   it) as its User= with its Environment=, UMask=, RuntimeDirectory=,
 #   against a fresh PostgreSQL database the installed config is edited to use →
 #   Debian's nginx with the installed site (listen address and log paths moved
 #   into a temp prefix) → through nginx: notes, gzip, headers, limits, a reload
@@ -15,7 +17,8 @@
 #
 # Needs root on a throwaway machine (CI), as .ci/run provides: dpkg, nginx,
 # PostgreSQL on 127.0.0.1:5432 (user postgres, trust), psql, curl, jq, setpriv,
-# systemd-analyze (systemd as PID 1 is not needed); wrk is used when present.
+# systemd-analyze (systemd as PID 1 is not needed), lintian; wrk is used when
+# present.
 # It refuses to run when notesd is already installed or its paths exist, and it
 # only ever touches what it creates: the package, /run/notesd, one database, an
 # nginx instance in a temp prefix. Everything is undone on exit, even on failure.
@@ -44,7 +47,7 @@ now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
 # ---------------------------------------------------------------- preflight
 [[ $(id -u) == 0 ]] || fail "must run as root (it installs the package for real); CI does"
-for cmd in dpkg dpkg-deb dpkg-query dpkg-statoverride systemd-analyze nginx psql pg_isready curl jq setpriv timeout ss gzip; do
+for cmd in dpkg dpkg-deb dpkg-query dpkg-statoverride systemd-analyze nginx psql pg_isready curl jq setpriv timeout ss gzip md5sum lintian; do
     command -v "$cmd" >/dev/null || fail "missing command: $cmd (.ci/run installs what is needed)"
 done
 if [[ $(dpkg-query -W -f='${db:Status-Status}' notesd 2>/dev/null || true) =~ ^(installed|config-files|half-installed|half-configured|unpacked|triggers-awaited|triggers-pending)$ ]]; then
@@ -125,7 +128,8 @@ measured ".deb size" "$(stat -c %s "$DEB") bytes ($(du -h "$DEB" | cut -f1))"
 
 # ---------------------------------------------------------------- package contents
 say "package contents (dpkg-deb -c)"
-dpkg-deb -c "$DEB" | awk '{print $1, $2, $6}' | sed 's#\./#/#' >"$T/contents"
+# Owners as numbers: dpkg-deb -b (packaging/build-deb) also writes the names.
+dpkg-deb --fsys-tarfile "$DEB" | tar --numeric-owner -tvf - | awk '{print $1, $2, $6}' | sed 's#\./#/#' >"$T/contents"
 expected_files=(
     /usr/bin/notesd
     /etc/notesd/notesd.toml
@@ -142,13 +146,15 @@ expected_files=(
     /usr/share/fish/vendor_completions.d/notesd.fish
     /usr/share/doc/notesd/README.md
     /usr/share/doc/notesd/copyright
+    /usr/share/doc/notesd/changelog.Debian.gz
+    /usr/share/lintian/overrides/notesd
 )
 for f in "${expected_files[@]}"; do
     grep -q " $f\$" "$T/contents" || fail "$f is not in the package"
 done
 grep -q '^-rwxr-xr-x 0/0 /usr/bin/notesd$' "$T/contents" || fail "/usr/bin/notesd is not 0755 root:root"
 grep -q '^-rw-r----- 0/0 /etc/notesd/notesd.toml$' "$T/contents" || fail "notesd.toml is not shipped 0640"
-unexpected=$(awk '$1 !~ /^d/ {print $3}' "$T/contents" | grep -Ev '^/(usr/bin/notesd|etc/notesd/notesd\.toml|etc/nginx/sites-available/notesd|usr/lib/systemd/system/notesd\.(service|socket)|usr/lib/(sysusers|tmpfiles)\.d/notesd\.conf|usr/share/man/man1/notesd[a-z-]*\.1\.gz|usr/share/(bash-completion|zsh|fish)/.*notesd.*|usr/share/doc/notesd/.*)$' || true)
+unexpected=$(awk '$1 !~ /^d/ {print $3}' "$T/contents" | grep -Ev '^/(usr/bin/notesd|etc/notesd/notesd\.toml|etc/nginx/sites-available/notesd|usr/lib/systemd/system/notesd\.(service|socket)|usr/lib/(sysusers|tmpfiles)\.d/notesd\.conf|usr/share/man/man1/notesd[a-z-]*\.1\.gz|usr/share/(bash-completion|zsh|fish)/.*notesd.*|usr/share/doc/notesd/.*|usr/share/lintian/overrides/notesd)$' || true)
 [[ -z $unexpected ]] || fail "unexpected files in the package: $unexpected"
 measured "files in the package" "$(awk '$1 !~ /^d/' "$T/contents" | wc -l)"
 measured "/usr/bin/notesd in the package" "$(dpkg-deb -c "$DEB" | awk '$6 == "./usr/bin/notesd" {print $3}') bytes (stripped; debug info in the -dbgsym .ddeb)"
@@ -157,6 +163,35 @@ for script in preinst postinst prerm postrm; do
     [[ ! -e $T/control/$script ]] || sh -n "$T/control/$script" || fail "$script: syntax error"
 done
 check "conffiles of the .deb" diff <(sort "$T/control/conffiles") <(printf '%s\n' /etc/nginx/sites-available/notesd /etc/notesd/notesd.toml)
+# md5sums (packaging/build-deb): every file but the conffiles, as dh_md5sums
+# writes it, and right.
+[[ -s $T/control/md5sums ]] || fail "no md5sums control file (packaging/build-deb adds it to what cargo deb makes)"
+mkdir "$T/data"
+dpkg-deb -x "$DEB" "$T/data"
+check "md5sums lists every file but the conffiles" diff <(awk '{print $2}' "$T/control/md5sums" | sort) \
+    <(cd "$T/data" && find . -type f ! -path ./etc/notesd/notesd.toml ! -path ./etc/nginx/sites-available/notesd -printf '%P\n' | sort)
+(cd "$T/data" && md5sum --quiet -c "$T/control/md5sums") || fail "md5sums does not match the files"
+# Debian's changelog: its latest entry is this package's version.
+changelog_version=$(zcat "$T/data/usr/share/doc/notesd/changelog.Debian.gz" | sed -n '1s/^notesd (\([^)]*\)).*/\1/p')
+[[ $changelog_version == "$(dpkg-deb -f "$DEB" Version)" ]] ||
+    fail "changelog.Debian.gz's latest entry is '$changelog_version', the package $(dpkg-deb -f "$DEB" Version): add an entry to packaging/debian/changelog"
+measured "md5sums, changelog" "$(wc -l <"$T/control/md5sums") files summed; changelog at $changelog_version"
+
+# ---------------------------------------------------------------- lintian
+say "lintian"
+# Errors and warnings (E:, W:) fail the test: fix the cause, or override the
+# tag in packaging/debian/notesd.lintian-overrides with a comment that says why
+# (shown below, before its O: line). `lintian -i` explains each tag. Lintian's
+# own --fail-on would count the overridden tags it shows, hence the grep; a
+# nonzero exit is lintian itself failing.
+lintian_rc=0
+timeout 600 lintian --tag-display-limit 0 --display-info --show-overrides --fail-on none "$DEB" >"$T/lintian" 2>&1 || lintian_rc=$?
+sed 's/^/    /' "$T/lintian"
+((lintian_rc == 0)) || fail "lintian exited $lintian_rc"
+if grep -Eq '^[EW]: ' "$T/lintian"; then
+    fail "lintian: $(grep -c '^E: ' "$T/lintian" || true) errors, $(grep -c '^W: ' "$T/lintian" || true) warnings"
+fi
+measured "lintian" "no errors or warnings; $(grep -c '^O: ' "$T/lintian" || true) overridden, $(grep -c '^I: ' "$T/lintian" || true) info"
 
 # ---------------------------------------------------------------- install
 say "dpkg -i (first install)"
@@ -185,6 +220,13 @@ for f in "${expected_files[@]}"; do
     [[ -e $f ]] || fail "$f is listed but missing"
 done
 ((${#excluded[@]} == 0)) || measured "not installed (dpkg path-exclude)" "${excluded[*]}"
+# The installed files against the package's md5sums (and the conffiles' sums):
+# nothing differs, and nothing is missing but what path-exclude kept out.
+dpkg --verify notesd >"$T/verify" 2>&1 || true
+while read -r line; do
+    dpkg_excluded "${line##* }" || fail "dpkg --verify notesd: $line"
+done <"$T/verify"
+measured "dpkg --verify notesd" "$(dpkg-query --control-show notesd md5sums | wc -l) files and the conffiles as packaged"
 MAN_OK=1
 dpkg_excluded /usr/share/man/man1/notesd.1.gz && MAN_OK=0
 dpkg-query -W -f='${Conffiles}\n' notesd | awk 'NF {print $1, ($3 == "obsolete" ? "obsolete" : "ok")}' | sort >"$T/conffiles"
