@@ -491,24 +491,8 @@ fn list_requests_share_the_failure_of_the_token_query() {
         .name
         .clone();
     let _ = server.create(&json!({"title": "warm"}));
-    let mut locker = std::process::Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            "5432",
-            "-U",
-            "postgres",
-            "-d",
-            &db,
-        ])
-        .args([
-            "-c",
-            "BEGIN; LOCK TABLE notes IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(8); COMMIT;",
-        ])
-        .stdin(std::process::Stdio::null())
+    let hold = "BEGIN; LOCK TABLE notes IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(8); COMMIT;";
+    let mut locker = psql_command(&db, hold)
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("psql holding the lock");

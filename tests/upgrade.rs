@@ -492,6 +492,17 @@ fn slow_wrapper(name: &str, probe_s: f64, worker_s: f64) -> Installed {
     installed
 }
 
+/// A 2-worker server whose master runs from `installed`.
+fn start_from(installed: &Installed, name: &str) -> TestServer {
+    TestServer::start(
+        name,
+        TestOptions {
+            exe: Some(installed.path.clone()),
+            ..TestOptions::default()
+        },
+    )
+}
+
 /// A TERM during an upgrade used to be lost (the handler's flag went with
 /// the exec'd image): 8 s later generation 2 still served. Now a stop that
 /// arrives during the probe cancels the upgrade and stops the service
@@ -499,13 +510,7 @@ fn slow_wrapper(name: &str, probe_s: f64, worker_s: f64) -> Installed {
 #[test]
 fn a_term_during_an_upgrade_stops_the_service() {
     let installed = slow_wrapper("term_upgrade_bin", 3.0, 0.0);
-    let mut server = TestServer::start(
-        "term_upgrade",
-        TestOptions {
-            exe: Some(installed.path.clone()),
-            ..TestOptions::default()
-        },
-    );
+    let mut server = start_from(&installed, "term_upgrade");
     // The cancelled upgrade is logged at error level.
     server.allow_errors();
     server.signal(Signal::SIGUSR2);
@@ -531,13 +536,7 @@ fn a_term_during_an_upgrade_stops_the_service() {
 #[test]
 fn a_ttin_during_an_upgrade_reaches_the_new_image() {
     let installed = slow_wrapper("ttin_upgrade_bin", 2.0, 0.0);
-    let server = TestServer::start(
-        "ttin_upgrade",
-        TestOptions {
-            exe: Some(installed.path.clone()),
-            ..TestOptions::default()
-        },
-    );
+    let server = start_from(&installed, "ttin_upgrade");
     let master = server.master_pid();
     let s0 = server.status();
     server.signal(Signal::SIGUSR2);
@@ -559,13 +558,7 @@ fn a_ttin_during_an_upgrade_reaches_the_new_image() {
 #[test]
 fn each_waiting_reload_gets_the_answer_to_its_own_reload() {
     let installed = slow_wrapper("reload_answers_bin", 0.0, 2.0);
-    let mut server = TestServer::start(
-        "reload_answers",
-        TestOptions {
-            exe: Some(installed.path.clone()),
-            ..TestOptions::default()
-        },
-    );
+    let mut server = start_from(&installed, "reload_answers");
     // The refusals are logged at error level.
     server.allow_errors();
     let client = server.client_config_path();
@@ -606,13 +599,7 @@ fn a_control_client_caught_by_the_exec_is_answered_by_the_new_image() {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     let installed = slow_wrapper("client_exec_bin", 2.0, 0.0);
-    let server = TestServer::start(
-        "client_exec",
-        TestOptions {
-            exe: Some(installed.path.clone()),
-            ..TestOptions::default()
-        },
-    );
+    let server = start_from(&installed, "client_exec");
     let master = server.master_pid();
     let mut early = UnixStream::connect(&server.paths.control).expect("connect");
     early

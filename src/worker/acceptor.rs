@@ -150,6 +150,9 @@ struct Listen {
 struct Pause {
     /// `CLOCK_MONOTONIC` time to try again.
     until: Duration,
+    /// Trying again now: the listeners are watched and accepted from; an
+    /// error pauses again within this episode, success ends it.
+    retrying: bool,
     /// When the episode started, its first error, how many accepts failed.
     since: Duration,
     first: Errno,
@@ -388,70 +391,84 @@ impl Inner {
         }
     }
 
+    /// Not accepting now (an episode is on, and this is not its retry).
     fn paused(&self) -> bool {
-        lock(&self.pause).is_some()
+        lock(&self.pause).as_ref().is_some_and(|p| !p.retrying)
     }
 
     /// Out of descriptors or memory: stop watching the listeners for
-    /// [`PAUSE`] (the queue waits, or goes to another worker).
+    /// [`PAUSE`] (the queue waits, or goes to another worker). The first
+    /// failure of an episode is logged; the others are counted.
     fn pause_for(&self, e: Errno) {
         let now = clock::now();
-        let mut pause = lock(&self.pause);
-        match pause.as_mut() {
-            Some(p) => {
-                p.failures += 1;
-                p.until = now + PAUSE;
-            }
-            None => {
-                tracing::warn!(
-                    "accept failed: {e}; not accepting for now (retrying every {} ms), the open connections are served as usual",
-                    PAUSE.as_millis()
-                );
-                *pause = Some(Pause {
-                    until: now + PAUSE,
-                    since: now,
-                    first: e,
-                    failures: 1,
-                });
-                for l in &self.listeners {
-                    if let Some(fd) = lock(&l.fd).as_ref() {
-                        let _ = self.epoll.delete(fd);
-                    }
+        {
+            let mut pause = lock(&self.pause);
+            match pause.as_mut() {
+                Some(p) => {
+                    p.failures += 1;
+                    p.until = now + PAUSE;
+                    p.retrying = false;
                 }
+                None => {
+                    tracing::warn!(
+                        "accept failed: {e}; not accepting for now (retrying every {} ms), the open connections are served as usual",
+                        PAUSE.as_millis()
+                    );
+                    *pause = Some(Pause {
+                        until: now + PAUSE,
+                        retrying: false,
+                        since: now,
+                        first: e,
+                        failures: 1,
+                    });
+                }
+            }
+        }
+        self.watch(false);
+    }
+
+    /// (Un)register every open listener in this worker's epoll.
+    fn watch(&self, on: bool) {
+        for (key, l) in self.listeners.iter().enumerate() {
+            let fd = lock(&l.fd);
+            let Some(fd) = fd.as_ref() else { continue };
+            let done = if on {
+                self.epoll.add(fd, exclusive(key as u64))
+            } else {
+                self.epoll.delete(fd)
+            };
+            if let Err(e) = done
+                && on
+            {
+                tracing::error!("cannot watch a listener again after a pause: {e}");
             }
         }
     }
 
-    /// A pause whose time is up ends: the listeners are watched again, and
-    /// what they queued meanwhile is taken. Another error starts another pause
-    /// at once, within the same episode.
+    /// A pause whose time is up: watch the listeners again and take what
+    /// they queued meanwhile. Another error pauses again within the same
+    /// episode; otherwise the episode ends, with one line saying how long it
+    /// lasted and how many accepts failed.
     fn resume_if_due(&self) {
-        let Some(episode) = lock(&self.pause).take_if(|p| clock::now() >= p.until) else {
-            return;
-        };
-        if !self.stopped.load(Ordering::Acquire) {
-            for (key, l) in self.listeners.iter().enumerate() {
-                if let Some(fd) = lock(&l.fd).as_ref()
-                    && let Err(e) = self.epoll.add(fd, exclusive(key as u64))
-                {
-                    tracing::error!("cannot watch a listener again after a pause: {e}");
-                }
+        {
+            let mut pause = lock(&self.pause);
+            match pause.as_mut() {
+                Some(p) if !p.retrying && clock::now() >= p.until => p.retrying = true,
+                _ => return,
             }
         }
+        if !self.stopped.load(Ordering::Acquire) {
+            self.watch(true);
+        }
         self.take_all();
-        match lock(&self.pause).as_mut() {
-            // Still failing: the same episode goes on.
-            Some(p) => {
-                p.since = episode.since;
-                p.first = episode.first;
-                p.failures += episode.failures;
-            }
-            None => tracing::warn!(
+        let mut pause = lock(&self.pause);
+        if let Some(episode) = pause.take_if(|p| p.retrying) {
+            tracing::warn!(
                 "accepting again: {} accept(s) failed with {} (first) over {:.1} s",
                 episode.failures,
                 episode.first,
                 clock::now().saturating_sub(episode.since).as_secs_f64()
-            ),
+            );
         }
     }
 }

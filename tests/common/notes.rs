@@ -184,6 +184,11 @@ pub fn backend_tag(backend: Backend) -> &'static str {
 /// Runs `sql` with psql as user postgres on database `dbname` (unaligned,
 /// tuples only: `stdout` is the bare result).
 pub fn psql_on(dbname: &str, sql: &str) -> CmdOutput {
+    run_with_timeout(psql_command(dbname, sql), Duration::from_secs(15))
+}
+
+/// The psql command of [`psql_on`], to run (or spawn) as the caller likes.
+pub fn psql_command(dbname: &str, sql: &str) -> Command {
     let mut cmd = Command::new("psql");
     cmd.args([
         "-X",
@@ -207,7 +212,7 @@ pub fn psql_on(dbname: &str, sql: &str) -> CmdOutput {
     .env_remove("PGPASSWORD")
     .env_remove("PGDATABASE")
     .stdin(std::process::Stdio::null());
-    run_with_timeout(cmd, Duration::from_secs(15))
+    cmd
 }
 
 /// `psql_on` that must succeed; returns the trimmed stdout.
