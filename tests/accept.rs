@@ -193,7 +193,7 @@ fn term_serves_every_connection_queued_on_unix_and_tcp() {
     let from = server.log_len();
     server.signal(Signal::SIGTERM);
     server.wait_for_log_line(from, "about closing", Duration::from_secs(10), |l| {
-        l.contains("no longer take")
+        l.contains("the workers serve what is queued")
     });
     assert!(
         !server.socket_path().exists(),
@@ -232,7 +232,7 @@ fn shutdown_delay_answers_readyz_503_keeps_serving_then_serves_the_queue() {
     send_signal(worker, Signal::SIGSTOP);
     let clients = queue_clients(&server, addr, 50);
     server.wait_for_log_line(0, "about closing", Duration::from_secs(10), |l| {
-        l.contains("no longer take")
+        l.contains("the workers serve what is queued")
     });
     assert!(
         t0.elapsed() >= Duration::from_secs(2),

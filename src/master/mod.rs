@@ -466,12 +466,18 @@ impl Edge {
         self.report_status(state);
     }
 
-    /// A new reload request's ticket; the control clients that asked for a
-    /// reload and wait untagged wait for this one.
+    /// A new reload request's ticket.
     fn new_ticket(&mut self) -> Ticket {
         self.next_ticket += 1;
-        self.control.tag_waiters(self.next_ticket);
         self.next_ticket
+    }
+
+    /// A reload's ticket: the control clients that asked for a reload and
+    /// wait untagged wait for this one (a USR2's own ticket is nobody's).
+    fn reload_ticket(&mut self) -> Ticket {
+        let ticket = self.new_ticket();
+        self.control.tag_waiters(ticket);
+        ticket
     }
 
     /// HUP or `notesd reload`. When the binary at the resolved path is not
@@ -479,7 +485,7 @@ impl Edge {
     /// place first: the new image then reloads onto itself.
     fn reload(&mut self, state: &mut State, signals: &Signals) {
         if ExeId::of(&self.exe) != self.exe_id {
-            let ticket = self.new_ticket();
+            let ticket = self.reload_ticket();
             // Validate the config first, as any reload does: a bad one is refused here.
             if let Err(e) = config::load(&self.overrides) {
                 let e = e.to_string().replace('\n', " ");
@@ -502,7 +508,7 @@ impl Edge {
     /// Re-read the config (with the same flags), put its listeners in place
     /// for the new generation, and let the state machine start it, or refuse.
     fn start_reload(&mut self, state: &mut State) {
-        let ticket = self.new_ticket();
+        let ticket = self.reload_ticket();
         let reloaded = config::load(&self.overrides)
             .map_err(|e| e.to_string().replace('\n', " "))
             .and_then(|config| {
@@ -829,7 +835,7 @@ impl Edge {
             );
         } else {
             tracing::info!(
-                "stopping: {} no longer take(s) new connections; the workers serve what is queued, then close",
+                "stopping: unix socket paths unlinked (no new connection reaches them) and the master's copies of {} closed; the workers serve what is queued, then close theirs",
                 closed.join(", ")
             );
         }

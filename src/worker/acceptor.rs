@@ -167,7 +167,7 @@ enum Outcome {
     /// Nothing is queued (or another worker was faster).
     Empty,
     /// This connection failed on its own (the client gave up, a network
-    /// error): it is gone from the queue; go on with the next one.
+    /// error; or the call was interrupted): go on with the next one.
     Skip,
     /// Out of descriptors, buffers or memory: the connection stays queued.
     Exhausted(Errno),
@@ -342,7 +342,6 @@ impl Inner {
         let closing = self.closing.load(Ordering::Acquire);
         let batch = if closing { usize::MAX } else { ACCEPT_BATCH };
         let mut taken = 0;
-        let mut exhausted = None;
         while taken < batch && !self.stopped.load(Ordering::Acquire) && !self.paused() {
             match accept_one(listener) {
                 Outcome::Conn(conn) => {
@@ -353,22 +352,19 @@ impl Inner {
                     taken += 1;
                 }
                 Outcome::Skip => {}
-                Outcome::Exhausted(e) => exhausted = Some(e),
+                Outcome::Exhausted(e) => {
+                    drop(fd);
+                    return self.pause_for(e);
+                }
                 Outcome::Empty if closing => {
                     // Emptied: close it now, so that nothing queues on it
                     // behind our back (the kernel would reset that).
                     let _ = self.epoll.delete(listener);
                     *fd = None;
                     drop(fd);
-                    self.closed_one();
-                    return;
+                    return self.closed_one();
                 }
                 Outcome::Empty => break,
-            }
-            if let Some(e) = exhausted {
-                drop(fd);
-                self.pause_for(e);
-                return;
             }
         }
         if taken > 0 {
@@ -488,7 +484,9 @@ fn accept_one(listener: &OwnedFd) -> Outcome {
 /// treated like EAGAIN by retrying).
 fn classify(e: Errno) -> Outcome {
     match e {
-        Errno::EAGAIN | Errno::EINTR => Outcome::Empty,
+        Errno::EAGAIN => Outcome::Empty,
+        // Interrupted before it took anything: simply again.
+        Errno::EINTR => Outcome::Skip,
         Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM => Outcome::Exhausted(e),
         Errno::ECONNABORTED
         | Errno::EPROTO
