@@ -13,9 +13,12 @@
 //! # Why no request is lost
 //!
 //! 1. Before the exec the new binary runs as a child, `notesd handover-check`,
-//!    on the very record: it must parse it and accept its version. A binary
-//!    that cannot (too old or too new, not executable, crashing, hanging) is
-//!    refused there; nothing has happened yet and the old master serves on.
+//!    on the very record, with every fd it names inherited, and takes them
+//!    over exactly as the new image will (`master::adopt`: the version, each
+//!    bind, the scoreboard's layout, the credentials, the state). A binary
+//!    that cannot (too old or too new, not executable, crashing, hanging, a
+//!    record it cannot carry through) is refused there; nothing has happened
+//!    yet and the old master serves on.
 //! 2. The master's signals are blocked from before the record is written
 //!    until the exec ([`Blocked`]), and those whose handlers ran since the
 //!    main loop last looked are raised again (`Signals::carry_over`): every
