@@ -70,15 +70,15 @@ impl Sockets {
     /// every listener; the workers' copies stay open until each has emptied
     /// its queue. Returns the binds closed.
     pub(crate) fn close_all(&mut self) -> Vec<String> {
-        let sets = std::mem::take(&mut self.sets);
-        let mut seen = BTreeSet::new();
-        let mut closed = Vec::new();
-        for l in sets.into_values().flatten() {
-            if seen.insert(Rc::as_ptr(&l) as usize) {
+        let closed = self
+            .all()
+            .into_iter()
+            .map(|l| {
                 l.cleanup();
-                closed.push(l.bind.to_string());
-            }
-        }
+                l.bind.to_string()
+            })
+            .collect();
+        self.sets.clear();
         closed
     }
 

@@ -69,18 +69,13 @@ impl StoreError {
     /// maps to 507. Nothing was committed, reads still work, and writes
     /// succeed again by themselves once there is room.
     pub fn is_storage_full(&self) -> bool {
-        if let StoreError::Shared(e) = self {
-            return e.is_storage_full();
+        match self {
+            StoreError::Query(e) => {
+                db_code(e).is_some_and(|(backend, code)| storage_full_code(backend, &code))
+            }
+            StoreError::Shared(e) => e.is_storage_full(),
+            _ => false,
         }
-        let StoreError::Query(sqlx::Error::Database(db)) = self else {
-            return false;
-        };
-        let backend = if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-            Backend::Sqlite
-        } else {
-            Backend::Postgres
-        };
-        storage_full_code(backend, &db.code().unwrap_or_default())
     }
 }
 
@@ -99,16 +94,22 @@ fn unavailable(e: &sqlx::Error) -> bool {
     }
     match e {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => {
-            let backend = if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-                Backend::Sqlite
-            } else {
-                Backend::Postgres
-            };
-            unavailable_code(backend, &db.code().unwrap_or_default())
-        }
-        _ => false,
+        _ => db_code(e).is_some_and(|(backend, code)| unavailable_code(backend, &code)),
     }
+}
+
+/// A database error's backend and code: codes are classified per backend,
+/// since their spaces overlap.
+fn db_code(e: &sqlx::Error) -> Option<(Backend, String)> {
+    let sqlx::Error::Database(db) = e else {
+        return None;
+    };
+    let backend = if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        Backend::Sqlite
+    } else {
+        Backend::Postgres
+    };
+    Some((backend, db.code().unwrap_or_default().into_owned()))
 }
 
 /// The backend's error code says "busy or saturated, try later" (503), as
@@ -213,9 +214,10 @@ impl Store {
             target: target.clone(),
             source,
         };
-        // Migrate: one connection holds the migration lock, one runs the migrations.
+        // Migrate: one connection at a time (on PostgreSQL the lock and the
+        // migrations share one transaction: `migrate::run_pg`).
         let max = if purpose == Purpose::Migrate {
-            2
+            1
         } else {
             cfg.max_connections
         };
