@@ -85,6 +85,11 @@ pub(crate) enum Command {
         /// Machine-readable output
         #[arg(long)]
         json: bool,
+        /// Redraw every SECONDS (default 1) until interrupted, like top; plain
+        /// lines when stdout is not a terminal (one JSON document per line with --json)
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1",
+              value_parser = watch_interval)]
+        watch: Option<f64>,
     },
     /// Reload gracefully (as SIGHUP) and wait: exit 0 once the new generation serves, 1 with the reason if the reload was refused or abandoned
     Reload {
@@ -114,4 +119,12 @@ pub(crate) enum Command {
     /// (the record at $NOTESD_HANDOVER_FD)? Asked before a re-exec in place.
     #[command(hide = true)]
     HandoverCheck,
+}
+
+/// `--watch SECONDS`: at least 0.1 s (a master answers status in well under that).
+fn watch_interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if (0.1..=86_400.0).contains(&s) => Ok(s),
+        _ => Err(format!("{text:?}: expected seconds between 0.1 and 86400")),
+    }
 }

@@ -40,6 +40,11 @@ pub struct ServerConfig {
     /// while 0, so binaries from before the key still take those documents.
     #[serde(skip_serializing_if = "is_zero")]
     pub shutdown_delay: u64,
+    /// Optional: a worker whose memory (PSS) stays over this for 3 samples
+    /// in a row is recycled, replacement first (see `master::state`). Not
+    /// sent while unset, as `shutdown_delay`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_worker_memory: Option<ByteSize>,
     pub pidfile: Option<PathBuf>,
     pub control_socket: PathBuf,
     pub user: Option<String>,
@@ -60,6 +65,7 @@ impl Default for ServerConfig {
             max_requests_jitter: 0,
             backlog: 2048,
             shutdown_delay: 0,
+            max_worker_memory: None,
             pidfile: None,
             control_socket: PathBuf::from("/run/notesd/control.sock"),
             user: None,
@@ -105,6 +111,18 @@ pub struct HttpConfig {
     /// ms a worker may serve a `GET /api/notes` page again, as long as the
     /// database saw no commit since (0 = off; see `http::list_cache`).
     pub list_cache_ms: u64,
+    /// ms after which a request still running gets one record in the log
+    /// saying where it is (0 = off). Not sent while it has its default, so
+    /// binaries from before the key still take the documents.
+    #[serde(skip_serializing_if = "is_default_slow_request")]
+    pub slow_request_ms: u64,
+}
+
+/// `http.slow_request_ms` when left out.
+pub const DEFAULT_SLOW_REQUEST_MS: u64 = 2_000;
+
+fn is_default_slow_request(n: &u64) -> bool {
+    *n == DEFAULT_SLOW_REQUEST_MS
 }
 
 impl Default for HttpConfig {
@@ -114,6 +132,7 @@ impl Default for HttpConfig {
             request_timeout: 30,
             max_header_bytes: 16_384,
             list_cache_ms: 250,
+            slow_request_ms: DEFAULT_SLOW_REQUEST_MS,
         }
     }
 }
@@ -230,6 +249,89 @@ pub struct Overrides {
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
+
+/// A size in bytes, written in a config as a number of bytes or a string
+/// with a unit: `"512MiB"`, `"1.5GiB"`, `"800MB"` (K/M/G/T alone are
+/// powers of 1024, as systemd's `MemoryMax=`; kB/MB/GB/TB powers of 1000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+const MIB: u64 = 1 << 20;
+
+impl ByteSize {
+    /// Parse `"512MiB"`, `"2G"`, `"1048576"`, with an optional space before the unit.
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let t = text.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (number, unit) = (&t[..split], t[split..].trim());
+        let bad = || {
+            format!(
+                "{text:?} is not a size: expected bytes with a unit, e.g. \"512MiB\" or \"2GiB\""
+            )
+        };
+        let n: f64 = number.parse().map_err(|_| bad())?;
+        let scale: u64 = match unit {
+            "" | "B" => 1,
+            "K" | "KiB" | "k" => 1 << 10,
+            "M" | "MiB" => 1 << 20,
+            "G" | "GiB" => 1 << 30,
+            "T" | "TiB" => 1 << 40,
+            "kB" | "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            _ => return Err(bad()),
+        };
+        let bytes = n * scale as f64;
+        if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+            return Err(format!("{text:?} is too large"));
+        }
+        Ok(ByteSize(bytes as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    /// In MiB, the unit the logs and `notesd status` use.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} MiB", self.0 / MIB)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"512MiB\" (or a number of bytes)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("{v} is negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// The smallest `server.max_worker_memory`: a worker needs a few MiB to
+/// serve at all, and a limit under that would recycle every worker forever.
+pub const MIN_WORKER_MEMORY: u64 = 16 * MIB;
 
 /// A parsed `server.bind` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -415,6 +517,17 @@ impl Config {
         p.range("server.keepalive", s.keepalive, 0, 3_600);
         p.range("server.backlog", u64::from(s.backlog), 1, 65_535);
         p.range("server.shutdown_delay", s.shutdown_delay, 0, 3_600);
+        if let Some(m) = s.max_worker_memory
+            && m.0 < MIN_WORKER_MEMORY
+        {
+            p.add(
+                "server.max_worker_memory",
+                format!(
+                    "{} bytes is below the minimum of 16MiB (a worker needs several MiB just to serve)",
+                    m.0
+                ),
+            );
+        }
         if s.max_requests == 0 && s.max_requests_jitter > 0 {
             p.add(
                 "server.max_requests_jitter",
@@ -466,6 +579,7 @@ impl Config {
         p.range("http.request_timeout", h.request_timeout, 1, 86_400);
         p.range("http.max_header_bytes", h.max_header_bytes, 1_024, 1 << 20);
         p.range("http.list_cache_ms", h.list_cache_ms, 0, 60_000);
+        p.range("http.slow_request_ms", h.slow_request_ms, 0, 86_400_000);
         let l = &self.log;
         if !matches!(l.target.as_str(), "auto" | "stderr" | "journald") {
             p.add(
@@ -529,6 +643,38 @@ impl Config {
 
     pub fn shutdown_delay(&self) -> Duration {
         Duration::from_secs(self.server.shutdown_delay)
+    }
+
+    /// `server.max_worker_memory` in bytes, when set.
+    pub fn max_worker_memory(&self) -> Option<u64> {
+        self.server.max_worker_memory.map(|m| m.0)
+    }
+
+    /// `http.slow_request_ms`, when on.
+    pub fn slow_request(&self) -> Option<Duration> {
+        (self.http.slow_request_ms > 0).then(|| Duration::from_millis(self.http.slow_request_ms))
+    }
+
+    /// The database the workers' queries go to, for logs: "PostgreSQL
+    /// 127.0.0.1:5432", "PostgreSQL /run/postgresql/.s.PGSQL.5432", "SQLite
+    /// ./var/notesd.db" (never the password).
+    pub fn database_peer(&self) -> String {
+        use std::str::FromStr;
+        let url = &self.database.url;
+        if let Some(path) = url.strip_prefix("sqlite:") {
+            let path = path.trim_start_matches("//");
+            return format!("SQLite {}", path.split('?').next().unwrap_or(path));
+        }
+        match sqlx::postgres::PgConnectOptions::from_str(url) {
+            Ok(o) => match o.get_socket() {
+                Some(dir) => format!("PostgreSQL {}/.s.PGSQL.{}", dir.display(), o.get_port()),
+                None if o.get_host().contains(':') => {
+                    format!("PostgreSQL [{}]:{}", o.get_host(), o.get_port())
+                }
+                None => format!("PostgreSQL {}:{}", o.get_host(), o.get_port()),
+            },
+            Err(_) => "PostgreSQL".into(),
+        }
     }
 
     /// The URL `notesd migrate` connects to: `database.migrate_url`, else `database.url`.
@@ -769,6 +915,49 @@ mod tests {
             assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
         }
         assert_eq!(keys.iter().filter(|k| *k == "server.bind").count(), 2);
+    }
+
+    #[test]
+    fn sizes_parse_with_units_and_nonsense_is_named() {
+        for (text, bytes) in [
+            ("512MiB", 512 << 20),
+            ("512M", 512 << 20),
+            ("1.5GiB", 3 << 29),
+            ("800MB", 800_000_000),
+            ("64 KiB", 64 << 10),
+            ("1048576", 1 << 20),
+        ] {
+            assert_eq!(ByteSize::parse(text), Ok(ByteSize(bytes)), "{text}");
+        }
+        for bad in ["", "MiB", "12 parsecs", "-5MiB", "1e999GiB", "5 Mib"] {
+            assert!(ByteSize::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        let c = parse("[server]\nmax_worker_memory = \"512MiB\"\n").expect("valid");
+        assert_eq!(c.max_worker_memory(), Some(512 << 20));
+        let c = parse("[server]\nmax_worker_memory = 33554432\n").expect("bytes");
+        assert_eq!(c.max_worker_memory(), Some(32 << 20));
+        let problems = parse("[server]\nmax_worker_memory = \"lots\"\n").expect_err("nonsense");
+        assert!(problems[0].message.contains("not a size"), "{problems:?}");
+        let small = parse("[server]\nmax_worker_memory = \"8MiB\"\n").expect("parses");
+        let problems = small.validate();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "server.max_worker_memory");
+        assert!(problems[0].message.contains("16MiB"), "{problems:?}");
+    }
+
+    #[test]
+    fn new_keys_are_left_out_of_documents_while_at_their_defaults() {
+        let c = Config::embedded();
+        let json = serde_json::to_string(&c).expect("json");
+        assert!(!json.contains("max_worker_memory") && !json.contains("slow_request_ms"));
+        assert_eq!(c.slow_request(), Some(Duration::from_secs(2)));
+        let mut c2 = c.clone();
+        c2.server.max_worker_memory = Some(ByteSize(64 << 20));
+        c2.http.slow_request_ms = 0;
+        let back: Config =
+            serde_json::from_str(&serde_json::to_string(&c2).expect("json")).expect("parse");
+        assert_eq!(back, c2);
+        assert_eq!(back.slow_request(), None);
     }
 
     #[test]

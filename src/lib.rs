@@ -82,6 +82,7 @@ pub(crate) mod ipc;
 pub(crate) mod listener;
 pub mod log;
 pub mod master;
+pub(crate) mod procfs;
 pub(crate) mod scoreboard;
 pub mod store;
 pub(crate) mod systemd;

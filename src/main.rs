@@ -166,15 +166,24 @@ fn dispatch(cmd: Command) -> anyhow::Result<i32> {
                 Ok(exit::OK)
             })
         }
-        Command::Status { config, json } => {
+        Command::Status {
+            config,
+            json,
+            watch,
+        } => {
             let cfg = load(&overrides(config))?;
-            let st = notesd::client::status(&cfg.server.control_socket)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&st)?);
-            } else {
-                print_status(&st);
+            match watch {
+                Some(every) => watch_status(&cfg.server.control_socket, json, every),
+                None => {
+                    let st = notesd::client::status(&cfg.server.control_socket)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&st)?);
+                    } else {
+                        print!("{}", format_status(&st));
+                    }
+                    Ok(exit::OK)
+                }
             }
-            Ok(exit::OK)
         }
         Command::Reload { config } => {
             let cfg = load(&overrides(config))?;
@@ -304,9 +313,64 @@ fn sqlite_file(url: &str) -> Option<PathBuf> {
     (!path.is_empty()).then(|| PathBuf::from(path))
 }
 
-fn print_status(st: &notesd::master::control::Status) {
-    println!(
-        "master {} ({}) — {}{} — generation {} — {}/{} workers — up {:.0} s — {} restarts — config {}",
+/// `notesd status --watch`: redraw in place on a terminal (like `top`),
+/// else one snapshot after another; a master that does not answer (a
+/// restart) is said so, and watched for again.
+fn watch_status(control: &std::path::Path, json: bool, every: f64) -> anyhow::Result<i32> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stdout().is_terminal() && !json;
+    loop {
+        let text = match notesd::client::status(control) {
+            Ok(st) if json => format!("{}\n", serde_json::to_string(&st)?),
+            Ok(st) => format_status(&st),
+            Err(e) => format!("notesd: the master does not answer ({e}); watching\n"),
+        };
+        let mut out = std::io::stdout().lock();
+        let written = if tty {
+            // Home, the new table, then clear what the last one left below it.
+            write!(out, "\x1b[H{}\x1b[J", text.replace('\n', "\x1b[K\n"))
+        } else {
+            write!(out, "{text}")
+        };
+        // A closed pipe (`| head`) ends the watch quietly.
+        if written.and_then(|()| out.flush()).is_err() {
+            return Ok(exit::OK);
+        }
+        drop(out);
+        std::thread::sleep(Duration::from_secs_f64(every));
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}M", bytes as f64 / 1_048_576.0)
+}
+
+/// The resources columns: CPU s, RSS, PSS, fds (`-` where unknown).
+fn resource_columns(r: Option<&notesd::master::control::Resources>) -> String {
+    match r {
+        Some(r) => format!(
+            "{:>8.2} {:>8} {:>8} {:>5}",
+            r.cpu_s,
+            mib(r.rss_bytes),
+            r.pss_bytes.map_or("-".into(), mib),
+            r.open_fds.map_or("-".into(), |n| n.to_string())
+        ),
+        None => format!("{:>8} {:>8} {:>8} {:>5}", "-", "-", "-", "-"),
+    }
+}
+
+fn format_status(st: &notesd::master::control::Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let recycled: Vec<String> = st
+        .recycles
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "master {} ({}) — {}{} — generation {} — {}/{} workers — up {:.0} s — {} restarts — recycled: {} — config {}",
         st.master_pid,
         st.version,
         st.phase,
@@ -320,25 +384,66 @@ fn print_status(st: &notesd::master::control::Status) {
         st.target_workers,
         st.uptime_s,
         st.restarts,
+        if recycled.is_empty() {
+            "none".to_string()
+        } else {
+            recycled.join(", ")
+        },
         st.config
     );
-    println!(
-        "{:>8} {:>4} {:>4} {:<9} {:>9} {:>9} {:>5} {:>9} {:>10}  current request",
-        "pid", "slot", "gen", "state", "age", "requests", "conns", "accepted", "heartbeat"
+    if let Some(limit) = st.max_worker_memory {
+        let _ = writeln!(out, "max_worker_memory {} (PSS)", mib(limit));
+    }
+    let _ = writeln!(
+        out,
+        "{:>8} {:>4} {:>4} {:<9} {:>9} {:>9} {:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>5}  current request",
+        "pid",
+        "slot",
+        "gen",
+        "state",
+        "age",
+        "requests",
+        "conns",
+        "accepted",
+        "heartbeat",
+        "cpu s",
+        "rss",
+        "pss",
+        "fds"
+    );
+    let _ = writeln!(
+        out,
+        "{:>8} {:>4} {:>4} {:<9} {:>9} {:>9} {:>5} {:>9} {:>10} {}  (master)",
+        st.master_pid,
+        "-",
+        "-",
+        "master",
+        format!("{:.1}s", st.uptime_s),
+        "-",
+        "-",
+        "-",
+        "-",
+        resource_columns(st.master.as_ref())
     );
     for w in &st.workers {
         let current = w
             .current_request
             .as_ref()
             .map(|r| {
+                let phase = r
+                    .phase
+                    .as_ref()
+                    .map(|p| format!("; {p}"))
+                    .unwrap_or_default();
                 format!(
-                    "{} {} ({} ms, {})",
+                    "{} {} ({} ms, {}{phase})",
                     r.method, r.path, r.elapsed_ms, r.request_id
                 )
             })
             .unwrap_or_default();
-        println!(
-            "{:>8} {:>4} {:>4} {:<9} {:>8.1}s {:>9} {:>5} {:>9} {:>9.2}s  {}",
+        let _ = writeln!(
+            out,
+            "{:>8} {:>4} {:>4} {:<9} {:>8.1}s {:>9} {:>5} {:>9} {:>9.2}s {}  {}",
             w.pid,
             w.slot,
             w.generation,
@@ -348,7 +453,9 @@ fn print_status(st: &notesd::master::control::Status) {
             w.active_connections,
             w.accepted,
             w.last_heartbeat_s,
+            resource_columns(w.resources.as_ref()),
             current
         );
     }
+    out
 }

@@ -1,5 +1,9 @@
 //! `GET /metrics`: Prometheus text for all workers together, read from the
-//! scoreboard (every slot's counters, which only grow: see `scoreboard`).
+//! scoreboard (every slot's counters, which only grow: see `scoreboard`),
+//! and each live process's CPU, memory and fds read from `/proc` at the
+//! scrape (Prometheus' process-collector names, labelled `process` =
+//! master|worker, `pid` and, for a worker, its `slot`; a dead worker's
+//! series go with it).
 
 use std::fmt::Write;
 
@@ -8,10 +12,13 @@ use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
 
+use crate::procfs;
 use crate::scoreboard::{BUCKETS, Route, Scoreboard, Totals};
 
 pub(crate) fn render(board: &Scoreboard) -> Response<Full<Bytes>> {
-    let text = format(&board.totals());
+    let mut text = format(&board.totals());
+    format_recycles(&mut text, board.recycles());
+    format_processes(&mut text, &processes(board));
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     *resp.status_mut() = StatusCode::OK;
     resp.headers_mut().insert(
@@ -89,4 +96,98 @@ pub(crate) fn format(t: &Totals) -> String {
     out.push_str("# TYPE notesd_worker_restarts_total counter\n");
     let _ = writeln!(out, "notesd_worker_restarts_total {}", t.restarts);
     out
+}
+
+/// `notesd_worker_recycles_total{reason}`: workers the master stopped on purpose.
+fn format_recycles(out: &mut String, counts: [u64; 4]) {
+    use crate::master::state::RecycleReason;
+    out.push_str(
+        "# HELP notesd_worker_recycles_total Workers stopped on purpose (replacement first), by reason.\n",
+    );
+    out.push_str("# TYPE notesd_worker_recycles_total counter\n");
+    for reason in RecycleReason::ALL {
+        let _ = writeln!(
+            out,
+            "notesd_worker_recycles_total{{reason=\"{}\"}} {}",
+            reason.label(),
+            counts[reason as usize]
+        );
+    }
+}
+
+/// A live process and its figures: `slot` is None for the master.
+pub(crate) struct Process {
+    slot: Option<u32>,
+    /// A label too: a slot's next worker starts its CPU counter from 0, so
+    /// each process is its own series (which goes when the process does).
+    pid: i32,
+    usage: procfs::Usage,
+}
+
+/// The master (this worker's parent) and every worker with a slot, as
+/// `/proc` shows them now. One that vanished mid-read is left out.
+fn processes(board: &Scoreboard) -> Vec<Process> {
+    let master = nix::unistd::getppid().as_raw();
+    let workers = board
+        .live_pids()
+        .into_iter()
+        .map(|(slot, pid)| (Some(slot), pid as i32));
+    std::iter::once((None, master))
+        .filter(|(_, pid)| *pid > 1)
+        .chain(workers)
+        .filter_map(|(slot, pid)| {
+            let usage = procfs::usage(pid).ok()?;
+            Some(Process { slot, pid, usage })
+        })
+        .collect()
+}
+
+pub(crate) fn format_processes(out: &mut String, procs: &[Process]) {
+    type Figure = fn(&procfs::Usage) -> Option<f64>;
+    let families: [(&str, &str, &str, Figure); 5] = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            |u| Some(u.cpu_seconds),
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            |u| Some(u.rss_bytes as f64),
+        ),
+        (
+            "notesd_process_pss_bytes",
+            "gauge",
+            "Proportional set size in bytes (shared pages split among their users; what max_worker_memory is held against).",
+            |u| u.pss_bytes.map(|b| b as f64),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            |u| u.open_fds.map(|n| n as f64),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            |u| Some(u.start_time_seconds),
+        ),
+    ];
+    for (name, kind, help, figure) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for p in procs {
+            let Some(v) = figure(&p.usage) else { continue };
+            let _ = match p.slot {
+                None => writeln!(out, "{name}{{process=\"master\",pid=\"{}\"}} {v}", p.pid),
+                Some(slot) => writeln!(
+                    out,
+                    "{name}{{process=\"worker\",slot=\"{slot}\",pid=\"{}\"}} {v}",
+                    p.pid
+                ),
+            };
+        }
+    }
 }

@@ -146,7 +146,26 @@ pub(crate) async fn route(
             }
             Ok(json(StatusCode::OK, &serde_json::json!({"slept_ms": ms})))
         }
+        (&Method::GET, "/debug/ballast") if app.debug_routes => {
+            let mib = query_u64(req.uri().query(), "mib").unwrap_or(0).min(4096);
+            set_ballast(mib);
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"ballast_mib": mib, "pid": std::process::id()}),
+            ))
+        }
         _ => Err(ApiError::NotFound(format!("no route for {path}"))),
+    }
+}
+
+/// Memory a worker holds for the tests of memory recycling (`/debug/ballast`,
+/// and `NOTESD_DEBUG_BALLAST_MIB` at boot): written, so it is resident.
+static BALLAST: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// Hold `mib` MiB from now on (0 frees it); test-only, behind the debug routes.
+pub(crate) fn set_ballast(mib: u64) {
+    if let Ok(mut b) = BALLAST.lock() {
+        *b = vec![0x5a; (mib as usize) << 20];
     }
 }
 

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::list_cache::Page;
 use super::{ApiError, AppState, Body, json};
 use crate::domain::{NewNote, Note, NotePatch};
+use crate::scoreboard::phase::{self, Step};
 
 pub(crate) const DEFAULT_LIMIT: i64 = 50;
 pub(crate) const MAX_LIMIT: i64 = 200;
@@ -232,12 +233,14 @@ async fn read_json(
     if !is_json(headers.get(CONTENT_TYPE)) {
         return Err(ApiError::UnsupportedMediaType);
     }
+    phase::enter(Step::ReadingBody, None);
     let collected = tokio::time::timeout_at(
         deadline,
         Limited::new(req.into_body(), max as usize).collect(),
     )
-    .await
-    .map_err(|_| ApiError::RequestTimeout)?;
+    .await;
+    phase::enter(Step::Handling, None);
+    let collected = collected.map_err(|_| ApiError::RequestTimeout)?;
     let bytes = collected
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {

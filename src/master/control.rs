@@ -23,6 +23,7 @@
 //! on top of that the peer's uid (SO_PEERCRED) must be root or the service's
 //! own user; anyone else gets a refusal, whatever the file's mode.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -33,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ipc;
 use crate::listener::{ListenError, Listener};
-use crate::master::state::{ReloadOutcome, State, Ticket};
+use crate::master::state::{RecycleReason, ReloadOutcome, State, Ticket};
 use crate::scoreboard::{Flags, Scoreboard};
 
 /// How long a client may take to send its request line, and to read the answer.
@@ -59,7 +60,43 @@ pub struct Status {
     /// Absent from an older master's answer.
     #[serde(default)]
     pub draining: bool,
+    /// `server.max_worker_memory` in bytes, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_worker_memory: Option<u64>,
+    /// Workers stopped on purpose, by reason (`max_requests`, `memory`,
+    /// `reload`, `scale_down`). Absent from an older master's answer.
+    #[serde(default)]
+    pub recycles: BTreeMap<String, u64>,
+    /// The master's own CPU, memory and fds (absent from an older master's answer).
+    #[serde(default)]
+    pub master: Option<Resources>,
     pub workers: Vec<WorkerStatus>,
+}
+
+/// One process's resources, read from `/proc` when the status was asked for.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Resources {
+    /// User + system CPU time.
+    pub cpu_s: f64,
+    pub rss_bytes: u64,
+    /// Proportional set size: shared pages split among the processes that
+    /// map them (what `max_worker_memory` is held against). None where the
+    /// kernel has no `smaps_rollup` or it may not be read.
+    pub pss_bytes: Option<u64>,
+    pub open_fds: Option<u64>,
+}
+
+impl Resources {
+    /// `pid`'s figures, or None when it is gone or `/proc` is hidden.
+    fn of(pid: i32) -> Option<Resources> {
+        let u = crate::procfs::usage(pid).ok()?;
+        Some(Resources {
+            cpu_s: (u.cpu_seconds * 100.0).round() / 100.0,
+            rss_bytes: u.rss_bytes,
+            pss_bytes: u.pss_bytes,
+            open_fds: u.open_fds,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +116,9 @@ pub struct WorkerStatus {
     pub accepted: u32,
     pub last_heartbeat_s: f64,
     pub current_request: Option<RequestStatus>,
+    /// CPU, memory and fds (absent from an older master's answer).
+    #[serde(default)]
+    pub resources: Option<Resources>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +127,10 @@ pub struct RequestStatus {
     pub path: String,
     pub request_id: String,
     pub elapsed_ms: u64,
+    /// Where it is, as the worker publishes it ("waiting 2.1 s on query
+    /// insert_note (PostgreSQL 127.0.0.1:5432)"); absent when not published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
 }
 
 /// A control client a re-exec hands over in the middle of its request or
@@ -546,6 +590,12 @@ fn secs(d: Duration) -> f64 {
 /// A snapshot of the master's view joined with the workers' own counters.
 pub fn status(state: &State, board: &Scoreboard, now: Duration) -> Status {
     let now_ns = now.as_nanos() as u64;
+    let database = |generation: u32| {
+        state
+            .config_of(generation)
+            .unwrap_or(state.config())
+            .database_peer()
+    };
     let workers = state
         .workers()
         .map(|w| {
@@ -561,6 +611,9 @@ pub fn status(state: &State, board: &Scoreboard, now: Duration) -> Status {
                         method: c.method,
                         path: c.path,
                         request_id: c.request_id,
+                        phase: s
+                            .request_phase
+                            .map(|p| p.describe(now_ns, &database(w.generation))),
                     }),
                 ),
                 None => (0, 0, 0, Duration::ZERO, None),
@@ -576,6 +629,7 @@ pub fn status(state: &State, board: &Scoreboard, now: Duration) -> Status {
                 accepted,
                 last_heartbeat_s: secs(beat),
                 current_request: current,
+                resources: Resources::of(w.pid),
             }
         })
         .collect();
@@ -591,6 +645,12 @@ pub fn status(state: &State, board: &Scoreboard, now: Duration) -> Status {
         boot_failures: state.boot_failures,
         config: state.config().source.to_string(),
         draining: board.flags().has(Flags::DRAIN),
+        max_worker_memory: state.config().max_worker_memory(),
+        recycles: RecycleReason::ALL
+            .iter()
+            .map(|r| (r.label().to_string(), state.recycles.get(*r)))
+            .collect(),
+        master: Resources::of(std::process::id() as i32),
         workers,
     }
 }

@@ -29,6 +29,7 @@ use crate::config::{self, Config, Overrides, Source};
 use crate::ipc::{self, ToMaster};
 use crate::listener::ListenerRecord;
 use crate::listener::{self, ListenError, Listener, UnixOptions};
+use crate::procfs;
 use crate::scoreboard::{Flags, Scoreboard};
 use crate::systemd;
 use control::Control;
@@ -36,7 +37,10 @@ use events::{MasterSignal, Signals};
 use handover::{ExeId, HandoverError, Record};
 use sockets::Sockets;
 use spawn::{Creds, Spawner};
-use state::{Action, Event, ExitHow, Level, Notify, ReloadOutcome, State, Ticket, WorkerSig};
+use state::{
+    Action, Event, ExitHow, Level, MEMORY_SAMPLE_EVERY, MemorySample, Notify, ReloadOutcome, State,
+    Ticket, WorkerSig,
+};
 
 /// How often the master looks at heartbeats and deadlines: often enough to
 /// catch a silent worker well within a second of its `timeout`, rarely enough
@@ -134,6 +138,11 @@ struct Edge {
     /// Under systemd (NOTIFY_SOCKET set): STATUS= lines are worth building.
     notify: bool,
     last_status: String,
+    /// When the workers' memory was last sampled (`max_worker_memory`).
+    last_memory_sample: Duration,
+    /// The requests of stuck workers that already have their slow-request
+    /// record: (pid, request start). One record per request.
+    slow_reported: std::collections::BTreeSet<(i32, u64)>,
 }
 
 /// Run the master until it exits; returns the process exit code.
@@ -395,6 +404,8 @@ impl Edge {
             socket_options: None,
             notify: std::env::var_os("NOTIFY_SOCKET").is_some(),
             last_status: String::new(),
+            last_memory_sample: Duration::ZERO,
+            slow_reported: std::collections::BTreeSet::new(),
         })
     }
 
@@ -463,7 +474,74 @@ impl Edge {
             })
             .collect();
         self.execute(state, Event::Tick { heartbeats });
+        self.sample_memory(state);
+        self.report_stuck_slow(state);
         self.report_status(state);
+    }
+
+    /// Every second while a generation has `max_worker_memory`: each
+    /// worker's PSS (RSS where the kernel has no `smaps_rollup`).
+    fn sample_memory(&mut self, state: &mut State) {
+        let now = clock::now();
+        let limited = state.live_generations().iter().any(|g| {
+            state
+                .config_of(*g)
+                .is_some_and(|c| c.max_worker_memory().is_some())
+        });
+        if !limited || now.saturating_sub(self.last_memory_sample) < MEMORY_SAMPLE_EVERY {
+            return;
+        }
+        self.last_memory_sample = now;
+        let samples = state
+            .workers()
+            .filter_map(|w| {
+                let (bytes, kind) = procfs::memory(w.pid).ok()?;
+                Some(MemorySample {
+                    pid: w.pid,
+                    bytes,
+                    pss: kind == procfs::MemoryKind::Pss,
+                })
+            })
+            .collect();
+        self.execute(state, Event::Memory { samples });
+    }
+
+    /// The slow-request record of a worker whose thread is stuck (its loop
+    /// cannot write one itself: see `worker::server`): its oldest request
+    /// passed `slow_request_ms` and its heartbeat is late. Once per request.
+    fn report_stuck_slow(&mut self, state: &State) {
+        let now_ns = clock::now_ns();
+        let mut seen = std::collections::BTreeSet::new();
+        for w in state.workers() {
+            let config = state.config_of(w.generation).unwrap_or(state.config());
+            let Some(threshold) = config.slow_request() else {
+                continue;
+            };
+            let Some(snap) = self
+                .board
+                .read(w.slot)
+                .ok()
+                .filter(|s| s.pid == w.pid as u32)
+            else {
+                continue;
+            };
+            let Some(req) = &snap.current else { continue };
+            let key = (w.pid, req.started_ns);
+            seen.insert(key);
+            let late = Duration::from_nanos(now_ns.saturating_sub(snap.heartbeat_ns));
+            let beat = crate::worker::lifecycle::heartbeat_interval(config.timeout());
+            if Duration::from_nanos(now_ns.saturating_sub(req.started_ns)) < threshold
+                || late < 2 * beat + STUCK_SLACK
+                || self.slow_reported.contains(&key)
+            {
+                continue;
+            }
+            self.slow_reported.insert(key);
+            let stuck = procfs::stuck(w.pid);
+            let what = "slow request, worker stuck";
+            log_stuck(w.pid, &snap, &stuck, config, what, late, false);
+        }
+        self.slow_reported.retain(|k| seen.contains(k));
     }
 
     /// A new reload request's ticket.
@@ -799,6 +877,7 @@ impl Edge {
                 Action::Exit(code) => self.exit = Some(code),
             }
         }
+        self.board.set_recycles(state.recycles.0);
     }
 
     fn spawn(&mut self, generation: u32, slot: u32, config: &Config) -> Result<i32, String> {
@@ -841,25 +920,33 @@ impl Edge {
         }
     }
 
+    /// A worker that stopped beating: say what it was serving and what the
+    /// kernel says it is stuck in, then SIGABRT it (SIGKILL follows).
     fn timeout_kill(&self, state: &State, pid: i32, slot: u32, silent: Duration, now: Duration) {
         let age = state
             .worker(pid)
             .map(|w| now.saturating_sub(w.spawned_at).as_secs_f64())
             .unwrap_or(0.0);
-        let doing = match self.board.read(slot).ok().and_then(|s| s.current) {
-            Some(r) => format!(
-                "while serving {} {} (request id {}, running {} ms)",
-                r.method,
-                r.path,
-                r.request_id,
-                (now.as_nanos() as u64).saturating_sub(r.started_ns) / 1_000_000
+        let config = state
+            .worker(pid)
+            .and_then(|w| state.config_of(w.generation))
+            .unwrap_or(state.config());
+        let stuck = procfs::stuck(pid);
+        match self.board.read(slot) {
+            Ok(snap) if snap.pid == pid as u32 => {
+                let what = format!("worker timed out (age {age:.1} s); SIGABRT, then SIGKILL");
+                log_stuck(pid, &snap, &stuck, config, &what, silent, true);
+            }
+            _ => tracing::error!(
+                worker_pid = pid,
+                wchan = stuck.wchan.as_deref().unwrap_or(""),
+                syscall = stuck.syscall.as_deref().unwrap_or(""),
+                peer = stuck.peer.as_deref().unwrap_or(""),
+                "worker {pid} timed out: no heartbeat for {:.1} s (age {age:.1} s), kernel: {}; SIGABRT, then SIGKILL",
+                silent.as_secs_f64(),
+                stuck.summary()
             ),
-            None => "while idle (no request in flight)".to_string(),
-        };
-        tracing::error!(
-            "worker {pid} timed out: no heartbeat for {:.1} s (age {age:.1} s) {doing}; SIGABRT, then SIGKILL",
-            silent.as_secs_f64()
-        );
+        }
         if let Err(e) = kill(NixPid::from_raw(pid), Signal::SIGABRT)
             && e != nix::Error::ESRCH
         {
@@ -876,6 +963,73 @@ impl Edge {
             systemd::status(&line);
             self.last_status = line;
         }
+    }
+}
+
+/// Slack on top of two heartbeat intervals before a late heartbeat means
+/// the worker's thread is stuck (not merely busy for a moment).
+const STUCK_SLACK: Duration = Duration::from_millis(500);
+
+/// The record of a stuck worker: the request its slot shows, where that
+/// request was (its published phase), and what the kernel says the thread
+/// is in. journald gets each as a field.
+fn log_stuck(
+    pid: i32,
+    snap: &crate::scoreboard::SlotSnapshot,
+    stuck: &procfs::Stuck,
+    config: &Config,
+    what: &str,
+    silent: Duration,
+    killing: bool,
+) {
+    let now_ns = clock::now_ns();
+    let database = config.database_peer();
+    let (request_id, method, path, elapsed_ms) = match &snap.current {
+        Some(r) => (
+            r.request_id.as_str(),
+            r.method.as_str(),
+            r.path.as_str(),
+            now_ns.saturating_sub(r.started_ns) / 1_000_000,
+        ),
+        None => ("", "", "", 0),
+    };
+    let phase = snap.request_phase.filter(|_| snap.current.is_some());
+    let doing = match (&snap.current, phase) {
+        (None, _) => "idle (no request in flight)".to_string(),
+        (Some(_), Some(p)) => format!(
+            "serving {method} {path} (request id {request_id}, running {elapsed_ms} ms; last published: {})",
+            p.describe(now_ns, &database)
+        ),
+        (Some(_), None) => {
+            format!("serving {method} {path} (request id {request_id}, running {elapsed_ms} ms)")
+        }
+    };
+    // One macro call per level: tracing's level is part of the callsite.
+    macro_rules! record {
+        ($level:ident) => {
+            tracing::$level!(
+                worker_pid = pid,
+                request_id,
+                method,
+                route = crate::http::metric_route(path).label(),
+                elapsed_ms,
+                phase = phase.map_or("", |p| p.name()),
+                query = phase.and_then(|p| p.query).map_or("", |q| q.name()),
+                state = stuck.state.as_str(),
+                wchan = stuck.wchan.as_deref().unwrap_or(""),
+                syscall = stuck.syscall.as_deref().unwrap_or(""),
+                peer = stuck.peer.as_deref().unwrap_or(""),
+                stack = stuck.stack.as_deref().unwrap_or(""),
+                "{what}: worker {pid}, no heartbeat for {:.1} s, {doing}; kernel: {}",
+                silent.as_secs_f64(),
+                stuck.summary()
+            )
+        };
+    }
+    if killing {
+        record!(error);
+    } else {
+        record!(warn);
     }
 }
 

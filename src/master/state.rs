@@ -26,6 +26,10 @@ pub(crate) const QUICK_GRACE: Duration = Duration::from_secs(1);
 pub(crate) const FIRST_BOOT_ATTEMPTS: u32 = 3;
 /// Boot failures of a reload's new generation before it is abandoned.
 pub(crate) const RELOAD_BOOT_ATTEMPTS: u32 = 3;
+/// Memory samples over `server.max_worker_memory` in a row that recycle a worker.
+pub(crate) const MEMORY_SAMPLES: u32 = 3;
+/// How often the edge samples the workers' memory (one sample per second).
+pub(crate) const MEMORY_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -98,6 +102,79 @@ pub enum Event {
     Tick {
         heartbeats: Vec<(Pid, Duration)>,
     },
+    /// Every [`MEMORY_SAMPLE_EVERY`] while a generation has
+    /// `server.max_worker_memory`: what each worker uses.
+    Memory {
+        samples: Vec<MemorySample>,
+    },
+}
+
+/// One worker's memory, as the edge read it from `/proc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemorySample {
+    pub pid: Pid,
+    pub bytes: u64,
+    /// PSS (`smaps_rollup`: shared pages split between their users), or RSS
+    /// where the kernel does not offer it.
+    pub pss: bool,
+}
+
+/// Why a worker the master asked to go went: `notesd_worker_recycles_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecycleReason {
+    /// It served `max_requests` (+ jitter).
+    MaxRequests,
+    /// It stayed over `max_worker_memory`.
+    Memory,
+    /// A reload replaced its generation.
+    Reload,
+    /// TTOU lowered the target.
+    ScaleDown,
+}
+
+impl RecycleReason {
+    pub const ALL: [RecycleReason; 4] = [
+        RecycleReason::MaxRequests,
+        RecycleReason::Memory,
+        RecycleReason::Reload,
+        RecycleReason::ScaleDown,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RecycleReason::MaxRequests => "max_requests",
+            RecycleReason::Memory => "memory",
+            RecycleReason::Reload => "reload",
+            RecycleReason::ScaleDown => "scale_down",
+        }
+    }
+}
+
+/// Workers stopped on purpose, by [`RecycleReason`] (in `ALL`'s order).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recycles(pub [u64; 4]);
+
+impl Recycles {
+    pub fn get(&self, reason: RecycleReason) -> u64 {
+        self.0[reason as usize]
+    }
+
+    fn count(&mut self, reason: RecycleReason) {
+        self.0[reason as usize] += 1;
+    }
+}
+
+/// A worker's run of memory samples over the limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryWatch {
+    /// Samples over the limit in a row.
+    pub over: u32,
+    /// It was once under the limit: a worker that then passes twice the
+    /// limit is growing (a leak), not merely bigger than a limit set too low.
+    pub was_under: bool,
+    /// The last sample, in bytes (0 = none yet).
+    pub last: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +281,12 @@ pub struct Worker {
     pub boot_error: Option<String>,
     /// The worker said retrying cannot help.
     pub boot_fatal: bool,
+    /// Why it was asked to retire or stop, once it was (absent in a handover
+    /// from an image before memory recycling: serde's default).
+    #[serde(default)]
+    pub recycle: Option<RecycleReason>,
+    #[serde(default)]
+    pub memory: MemoryWatch,
 }
 
 /// The master's lifecycle: `Starting` → `Running` (reloads within it) →
@@ -267,6 +350,8 @@ pub struct State {
     started_at: Duration,
     /// Workers that died without being asked to (crash, kill, timeout).
     pub restarts: u64,
+    /// Workers stopped on purpose, by reason.
+    pub recycles: Recycles,
     pub boot_failures: u64,
 }
 
@@ -287,6 +372,8 @@ pub struct Snapshot {
     pub resumed_at: Duration,
     pub restarts: u64,
     pub boot_failures: u64,
+    #[serde(default)]
+    pub recycles: Recycles,
 }
 
 impl State {
@@ -323,6 +410,7 @@ impl State {
             resumed_at: self.resumed_at,
             restarts: self.restarts,
             boot_failures: self.boot_failures,
+            recycles: self.recycles,
         })
     }
 
@@ -369,6 +457,7 @@ impl State {
             exit_code: crate::exit::OK,
             started_at: snapshot.started_at,
             restarts: snapshot.restarts,
+            recycles: snapshot.recycles,
             boot_failures: snapshot.boot_failures,
         })
     }
@@ -399,6 +488,7 @@ impl State {
             exit_code: crate::exit::OK,
             started_at: now,
             restarts: 0,
+            recycles: Recycles::default(),
             boot_failures: 0,
         }
     }
@@ -444,6 +534,11 @@ impl State {
 
     pub fn config(&self) -> &Arc<Config> {
         &self.configs[&self.generation()]
+    }
+
+    /// The config of `generation`, while it is alive.
+    pub fn config_of(&self, generation: u32) -> Option<&Arc<Config>> {
+        self.configs.get(&generation)
     }
 
     pub fn workers(&self) -> impl Iterator<Item = &Worker> {
@@ -501,6 +596,8 @@ impl State {
                         ready_at: None,
                         boot_error: None,
                         boot_fatal: false,
+                        recycle: None,
+                        memory: MemoryWatch::default(),
                     },
                 );
                 if matches!(self.phase, Phase::Stopping { .. }) {
@@ -517,6 +614,7 @@ impl State {
             Event::Message { pid, msg } => self.on_message(pid, msg, now, &mut out),
             Event::Exited { pid, how } => self.on_exit(pid, how, now, &mut out),
             Event::Tick { heartbeats } => self.on_tick(&heartbeats, now, &mut out),
+            Event::Memory { samples } => self.on_memory(&samples, now, &mut out),
         }
         self.manage(now, &mut out);
         self.forget_dead_configs();
@@ -763,6 +861,10 @@ impl State {
                 if w.state != WorkerState::Ready || self.retire_queue.contains(&pid) {
                     return;
                 }
+                if w.recycle.is_some() {
+                    return;
+                }
+                w.recycle = Some(RecycleReason::MaxRequests);
                 out.push(Action::Log(
                     Level::Info,
                     format!("worker {pid} served {requests} requests: recycling it"),
@@ -946,6 +1048,79 @@ impl State {
         self.escalate_kills(now, out);
     }
 
+    /// Memory recycling (`server.max_worker_memory`): a serving worker over
+    /// the limit for [`MEMORY_SAMPLES`] samples in a row is queued to retire
+    /// as `max_requests` retires one (replacement first); one that grew past
+    /// twice the limit is stopped at once. Either way, one memory recycle at
+    /// a time per generation, so a limit set too low cannot churn them all.
+    fn on_memory(&mut self, samples: &[MemorySample], now: Duration, out: &mut Vec<Action>) {
+        for s in samples {
+            let Some(w) = self.workers.get_mut(&s.pid) else {
+                continue;
+            };
+            let limit = self.configs[&w.generation].max_worker_memory();
+            let Some(limit) = limit.filter(|_| w.state == WorkerState::Ready) else {
+                w.memory = MemoryWatch::default();
+                continue;
+            };
+            w.memory.last = s.bytes;
+            if s.bytes <= limit {
+                w.memory.over = 0;
+                w.memory.was_under = true;
+                continue;
+            }
+            w.memory.over += 1;
+            let (over, was_under, generation) = (w.memory.over, w.memory.was_under, w.generation);
+            if w.recycle.is_some() || self.memory_recycle_under_way(generation) {
+                continue;
+            }
+            let figures = format!(
+                "worker {} uses {} MiB {} > {} MiB",
+                s.pid,
+                s.bytes >> 20,
+                if s.pss { "PSS" } else { "RSS" },
+                limit >> 20
+            );
+            if was_under && s.bytes > 2 * limit {
+                out.push(Action::Log(
+                    Level::Warn,
+                    format!(
+                        "{figures} (over twice the limit): stopping it now; its replacement follows"
+                    ),
+                ));
+                self.set_recycle(s.pid, RecycleReason::Memory);
+                self.stop(s.pid, now, out);
+            } else if over >= MEMORY_SAMPLES {
+                out.push(Action::Log(
+                    Level::Warn,
+                    format!(
+                        "{figures} for {} s: recycling",
+                        (MEMORY_SAMPLE_EVERY * over).as_secs()
+                    ),
+                ));
+                self.set_recycle(s.pid, RecycleReason::Memory);
+                self.retire_queue.push_back(s.pid);
+            }
+        }
+    }
+
+    /// A worker of `generation` is being recycled for its memory: queued,
+    /// retiring, or still draining.
+    fn memory_recycle_under_way(&self, generation: u32) -> bool {
+        self.workers.values().any(|w| {
+            w.generation == generation
+                && w.recycle == Some(RecycleReason::Memory)
+                && !matches!(w.state, WorkerState::Killing { .. })
+        })
+    }
+
+    /// Mark why `pid` goes; a stop it causes is counted then (see [`Self::stop`]).
+    fn set_recycle(&mut self, pid: Pid, reason: RecycleReason) {
+        if let Some(w) = self.workers.get_mut(&pid) {
+            w.recycle = Some(reason);
+        }
+    }
+
     /// A master that was itself stopped (SIGSTOP, a frozen VM) gives every
     /// worker a fresh timeout instead of mass-killing them on resume.
     fn notice_master_stall(&mut self, now: Duration, out: &mut Vec<Action>) {
@@ -1079,7 +1254,8 @@ impl State {
         }
         self.start_queued_retirement();
         self.top_up(now, out);
-        while let Some(victim) = self.next_to_go() {
+        while let Some((victim, reason)) = self.next_to_go() {
+            self.set_recycle(victim, reason);
             self.stop(victim, now, out);
         }
         self.announce_readiness(out);
@@ -1180,7 +1356,7 @@ impl State {
     /// Must go: workers of an outdated generation, a retiree, surplus after
     /// TTOU. A not-yet-ready one goes at once (it serves nobody); a serving one
     /// only while the others that serve still cover the target.
-    fn next_to_go(&self) -> Option<Pid> {
+    fn next_to_go(&self) -> Option<(Pid, RecycleReason)> {
         let pending = self.pending.as_ref().map(|p| p.generation);
         let stale = |w: &Worker| w.generation != self.current && Some(w.generation) != pending;
         let serving = self
@@ -1205,13 +1381,14 @@ impl State {
             .iter()
             .find(|w| stale(w) && w.state == WorkerState::Booting)
         {
-            return Some(w.pid);
+            return Some((w.pid, RecycleReason::Reload));
         }
         if let Some(w) = candidates.iter().find(|w| stale(w)) {
-            return can_lose_one.then_some(w.pid);
+            return can_lose_one.then_some((w.pid, RecycleReason::Reload));
         }
         if let Some(w) = candidates.iter().find(|w| w.state == WorkerState::Retiring) {
-            return can_lose_one.then_some(w.pid);
+            let reason = w.recycle.unwrap_or(RecycleReason::MaxRequests);
+            return can_lose_one.then_some((w.pid, reason));
         }
         if pending.is_some() {
             return None;
@@ -1227,9 +1404,9 @@ impl State {
                 .rev()
                 .find(|w| w.state == WorkerState::Booting)
             {
-                return Some(w.pid);
+                return Some((w.pid, RecycleReason::ScaleDown));
             }
-            return active.first().map(|w| w.pid);
+            return active.first().map(|w| (w.pid, RecycleReason::ScaleDown));
         }
         None
     }
@@ -1291,6 +1468,13 @@ impl State {
             WorkerState::Stopping { .. } | WorkerState::Killing { .. }
         ) {
             return;
+        }
+        // A stop the service asked for (a shutdown, an abandoned reload)
+        // is no recycle; one with a reason is counted under it.
+        if let Some(reason) = w.recycle
+            && !matches!(self.phase, Phase::Stopping { .. })
+        {
+            self.recycles.count(reason);
         }
         self.set_state(pid, WorkerState::Stopping { since: now });
         out.push(Action::Signal {

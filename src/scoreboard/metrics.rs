@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{BASE_SLOT, HEADER, OFF_H_FOLD_SEQ, OFF_H_RETIRED, OFF_IN_FLIGHT, OFF_PID, OFF_STATE};
-use super::{SLOT_SIZE, Scoreboard, Slot, WorkerPhase};
+use super::{Scoreboard, Slot, WorkerPhase};
 
 /// What `/metrics` counts a request under: the route it matched, or
 /// `Other`. Its position (the discriminant) is its row in every slot's
@@ -100,7 +100,7 @@ impl Scoreboard {
         let mut workers = [0u64; 4];
         let mut in_flight = 0u64;
         for slot in 0..self.slots {
-            let o = HEADER + slot as usize * SLOT_SIZE;
+            let o = HEADER + slot as usize * self.slot_size;
             if self.u32_at(o + OFF_PID).load(Ordering::Relaxed) == 0 {
                 continue;
             }
@@ -118,13 +118,24 @@ impl Scoreboard {
         }
     }
 
+    /// (slot, pid) of every slot a worker holds.
+    pub(crate) fn live_pids(&self) -> Vec<(u32, u32)> {
+        (0..self.slots)
+            .filter_map(|slot| {
+                let o = HEADER + slot as usize * self.slot_size;
+                let pid = self.u32_at(o + OFF_PID).load(Ordering::Relaxed);
+                (pid != 0).then_some((slot, pid))
+            })
+            .collect()
+    }
+
     fn sum_counters(&self) -> Vec<u64> {
         let mut counters = vec![0u64; M_COUNTERS];
         for (i, c) in counters.iter_mut().enumerate() {
             *c += self.u64_at(OFF_H_RETIRED + i * 8).load(Ordering::Relaxed);
         }
         for slot in 0..self.slots {
-            let o = HEADER + slot as usize * SLOT_SIZE;
+            let o = HEADER + slot as usize * self.slot_size;
             for (i, c) in counters.iter_mut().enumerate() {
                 *c += self.u64_at(o + BASE_SLOT + i * 8).load(Ordering::Relaxed);
             }

@@ -26,7 +26,13 @@
 //! | 248 | requests in flight (u32) |
 //! | 252 | connections accepted by this worker (u32, wraps) |
 //! | 256 | metrics: request counters by route × status, latency histogram by route ([`metrics`]) |
+//! | 256 + metrics | extension (64 bytes): the oldest request's phase ([`phase`]; u64) |
 //!
+//! The extension came after layout 2 first shipped, so the header's slot size
+//! tells whether a board has it: a board from an older master (met after an
+//! upgrade in place) has none, and its workers publish no phase. An older
+//! binary refuses a board with the extension (its slot size differs), as it
+//! refuses any layout it does not know.
 //! This module is the slot protocol (who writes what, the seqlock around the
 //! current request); [`metrics`] owns the counters after byte 256 and their
 //! sums for `/metrics`, which only ever grow.
@@ -39,6 +45,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 pub(crate) mod metrics;
+pub(crate) mod phase;
 
 pub(crate) use metrics::{BUCKETS, Route, Totals};
 
@@ -58,8 +65,20 @@ const OFF_H_WRITE_GEN: usize = 40;
 /// has none set, and an older worker never reads them.
 const OFF_H_FLAGS: usize = 48;
 const OFF_H_RETIRED: usize = 64;
+/// Workers recycled, by reason (4 × u64, `master::state::RecycleReason`
+/// order): written by the master. Added within layout 2 after the retired
+/// totals (which end at 1984): an older master's board has them zeroed.
+const OFF_H_RECYCLES: usize = 1984;
+const N_RECYCLES: usize = 4;
 const BASE_SLOT: usize = 256;
-pub(crate) const SLOT_SIZE: usize = BASE_SLOT + metrics::METRICS_BYTES;
+const _: () = assert!(OFF_H_RETIRED + metrics::METRICS_BYTES <= OFF_H_RECYCLES);
+const _: () = assert!(OFF_H_RECYCLES + N_RECYCLES * 8 <= HEADER);
+/// A slot as layout 2 first shipped it: no extension.
+const SLOT_SIZE_WITHOUT_EXT: usize = BASE_SLOT + metrics::METRICS_BYTES;
+const EXT: usize = SLOT_SIZE_WITHOUT_EXT;
+const EXT_BYTES: usize = 64;
+pub(crate) const SLOT_SIZE: usize = SLOT_SIZE_WITHOUT_EXT + EXT_BYTES;
+const OFF_X_PHASE: usize = EXT;
 
 const OFF_PID: usize = 0;
 const OFF_STATE: usize = 4;
@@ -129,6 +148,8 @@ pub struct Scoreboard {
     base: NonNull<u8>,
     len: usize,
     slots: u32,
+    /// Bytes per slot: [`SLOT_SIZE`], or less on an older master's board.
+    slot_size: usize,
     fd: OwnedFd,
 }
 
@@ -147,7 +168,8 @@ impl Scoreboard {
         .map_err(ScoreboardError::Create)?;
         let len = HEADER + slots as usize * SLOT_SIZE;
         nix::unistd::ftruncate(&fd, len as i64).map_err(ScoreboardError::Size)?;
-        let board = Self::map(fd, len, slots)?;
+        let mut board = Self::map(fd, len, slots)?;
+        board.slot_size = SLOT_SIZE;
         board.u64_at(0).store(MAGIC, Ordering::Relaxed);
         board.u32_at(8).store(LAYOUT_VERSION, Ordering::Relaxed);
         board.u32_at(12).store(SLOT_SIZE as u32, Ordering::Relaxed);
@@ -172,12 +194,13 @@ impl Scoreboard {
         let slots = board.u32_at(16).load(Ordering::Acquire);
         if magic != MAGIC
             || version != LAYOUT_VERSION
-            || slot_size != SLOT_SIZE
-            || HEADER + slots as usize * SLOT_SIZE > len
+            || !(slot_size == SLOT_SIZE || slot_size == SLOT_SIZE_WITHOUT_EXT)
+            || HEADER + slots as usize * slot_size > len
         {
             return Err(ScoreboardError::Layout { magic, version });
         }
         board.slots = slots;
+        board.slot_size = slot_size;
         Ok(board)
     }
 
@@ -200,6 +223,7 @@ impl Scoreboard {
             base: ptr.cast(),
             len,
             slots,
+            slot_size: SLOT_SIZE,
             fd,
         })
     }
@@ -227,7 +251,7 @@ impl Scoreboard {
 
     fn slot_off(&self, slot: u32) -> Result<usize, ScoreboardError> {
         if slot < self.slots {
-            Ok(HEADER + slot as usize * SLOT_SIZE)
+            Ok(HEADER + slot as usize * self.slot_size)
         } else {
             Err(ScoreboardError::NoSlot(slot))
         }
@@ -240,7 +264,17 @@ impl Scoreboard {
         for i in (0..BASE_SLOT).step_by(8) {
             self.u64_at(o + i).store(0, Ordering::Relaxed);
         }
+        if self.has_ext() {
+            for i in (EXT..EXT + EXT_BYTES).step_by(8) {
+                self.u64_at(o + i).store(0, Ordering::Relaxed);
+            }
+        }
         Ok(())
+    }
+
+    /// The slots have the extension (see the module doc).
+    fn has_ext(&self) -> bool {
+        self.slot_size >= SLOT_SIZE
     }
 
     /// Master: worker deaths the master did not ask for.
@@ -271,6 +305,19 @@ impl Scoreboard {
     /// A write has finished (or was cut short): pages read before are stale.
     pub fn bump_write_generation(&self) {
         self.u64_at(OFF_H_WRITE_GEN).fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Master: workers recycled so far, by reason.
+    pub fn set_recycles(&self, counts: [u64; N_RECYCLES]) {
+        for (i, n) in counts.iter().enumerate() {
+            self.u64_at(OFF_H_RECYCLES + i * 8)
+                .store(*n, Ordering::Relaxed);
+        }
+    }
+
+    /// Workers recycled so far, by reason (see [`Self::set_recycles`]).
+    pub fn recycles(&self) -> [u64; N_RECYCLES] {
+        std::array::from_fn(|i| self.u64_at(OFF_H_RECYCLES + i * 8).load(Ordering::Relaxed))
     }
 
     pub fn restarts(&self) -> u64 {
@@ -327,6 +374,11 @@ impl Scoreboard {
             requests: self.u64_at(o + OFF_REQUESTS).load(Ordering::Relaxed),
             active_connections: self.u32_at(o + OFF_CONNS).load(Ordering::Relaxed),
             accepted: self.u32_at(o + OFF_ACCEPTED).load(Ordering::Relaxed),
+            request_phase: if self.has_ext() {
+                phase::RequestPhase::unpack(self.u64_at(o + OFF_X_PHASE).load(Ordering::Relaxed))
+            } else {
+                None
+            },
             current,
         })
     }
@@ -391,6 +443,8 @@ pub struct SlotSnapshot {
     pub active_connections: u32,
     /// Connections this worker has accepted (wraps at 2³²; see `worker::acceptor`).
     pub accepted: u32,
+    /// The phase of `current`, when the worker publishes it.
+    pub(crate) request_phase: Option<phase::RequestPhase>,
     pub current: Option<CurrentRequest>,
 }
 
@@ -417,6 +471,15 @@ impl Slot {
         self.board
             .u32_at(self.off + OFF_STATE)
             .store(phase as u32, Ordering::Relaxed);
+    }
+
+    /// The oldest request's phase (a packed [`phase::RequestPhase`]).
+    pub(crate) fn set_request_phase(&self, word: u64) {
+        if self.board.has_ext() {
+            self.board
+                .u64_at(self.off + OFF_X_PHASE)
+                .store(word, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn request_started(&self) {

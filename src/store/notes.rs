@@ -8,6 +8,7 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{Store, StoreError, health};
 use crate::domain::{NewNote, Note, NotePatch, NoteRef, Timestamp};
+use crate::scoreboard::phase::{self, Query, Step};
 
 struct Sql {
     list: &'static str,
@@ -105,10 +106,10 @@ const LITE: Sql = Sql {
 /// `write`: the connection is pinged first on PostgreSQL; never retried
 /// (see [`health`]).
 macro_rules! with_conn {
-    (read $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {{
+    (read $query:ident, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {{
         let mut retried = false;
         loop {
-            match with_conn!(@run acquire, $store, |$conn, $sql, $note| $body) {
+            match with_conn!(@run $query, acquire, $store, |$conn, $sql, $note| $body) {
                 Err(e) if !retried && health::broken(&e) => {
                     tracing::info!("database connection broke, retrying the read: {e}");
                     health::broke();
@@ -118,24 +119,31 @@ macro_rules! with_conn {
             }
         }
     }};
-    (write $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
-        with_conn!(@run acquire_live, $store, |$conn, $sql, $note| $body).map_err(health::observe)
+    (write $query:ident, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
+        with_conn!(@run $query, acquire_live, $store, |$conn, $sql, $note| $body)
+            .map_err(health::observe)
     };
-    (@run $acquire:ident, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
+    (@run $query:ident, $acquire:ident, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
         match $store {
             Store::Postgres(pool) => {
-                with_conn!(@on pool.$acquire(), &PG, note::<sqlx::postgres::PgRow>,
+                with_conn!(@on $query, pool.$acquire(), &PG, note::<sqlx::postgres::PgRow>,
                     |$conn, $sql, $note| $body)
             }
             Store::Sqlite(pool) => {
-                with_conn!(@on pool.$acquire(), &LITE, note::<sqlx::sqlite::SqliteRow>,
+                with_conn!(@on $query, pool.$acquire(), &LITE, note::<sqlx::sqlite::SqliteRow>,
                     |$conn, $sql, $note| $body)
             }
         }
     };
-    (@on $acquire:expr, $sql_set:expr, $decoder:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
+    // The request's phase (see `scoreboard::phase`): waiting for the pool,
+    // then running the named query, then back in notesd's own code.
+    (@on $query:ident, $acquire:expr, $sql_set:expr, $decoder:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
         async {
-            let mut pooled = $acquire.await?;
+            phase::enter(Step::WaitingPool, None);
+            let acquired = $acquire.await;
+            phase::enter(Step::Handling, None);
+            let mut pooled = acquired?;
+            phase::enter(Step::Query, Some(Query::$query));
             let r: Result<_, sqlx::Error> = async {
                 let $conn = &mut *pooled;
                 #[allow(unused_variables)]
@@ -144,6 +152,7 @@ macro_rules! with_conn {
             }
             .await;
             pooled.finish(&r);
+            phase::enter(Step::Handling, None);
             r
         }
         .await
@@ -305,7 +314,7 @@ impl Store {
         F: FnMut(NoteRef<'_>),
     {
         let fetch = limit + 1;
-        with_conn!(read self, |p, sql, note| {
+        with_conn!(read ListNotes, self, |p, sql, note| {
             let rows = match before {
                 Some(b) => {
                     sqlx::query(sql.list_before)
@@ -334,7 +343,7 @@ impl Store {
 
     /// `pg_current_snapshot()` as text (see [`super::CommitToken`]).
     pub(super) async fn pg_snapshot(&self) -> Result<String, StoreError> {
-        with_conn!(read self, |p, sql, note| {
+        with_conn!(read CommitToken, self, |p, sql, note| {
             sqlx::query_scalar::<_, String>("SELECT pg_current_snapshot()::text")
                 .fetch_one(p)
                 .await?
@@ -342,7 +351,7 @@ impl Store {
     }
 
     pub async fn get_note(&self, id: i64) -> Result<Option<Note>, StoreError> {
-        with_conn!(read self, |p, sql, note| {
+        with_conn!(read GetNote, self, |p, sql, note| {
             let row = sqlx::query(sql.get).bind(id).fetch_optional(p).await?;
             row.as_ref().map(note).transpose()?
         })
@@ -350,7 +359,7 @@ impl Store {
 
     /// Insert and commit; returns the new id.
     pub async fn create_note(&self, n: &NewNote) -> Result<i64, StoreError> {
-        with_conn!(write self, |p, sql, note| {
+        with_conn!(write InsertNote, self, |p, sql, note| {
             let rows = sqlx::query(sql.insert)
                 .bind(n.title.as_str())
                 .bind(n.body.as_deref())
@@ -364,7 +373,7 @@ impl Store {
 
     /// Replace title and body; `None` when the note does not exist.
     pub async fn put_note(&self, id: i64, n: &NewNote) -> Result<Option<Note>, StoreError> {
-        with_conn!(write self, |p, sql, note| {
+        with_conn!(write PutNote, self, |p, sql, note| {
             let rows = sqlx::query(sql.put)
                 .bind(id)
                 .bind(n.title.as_str())
@@ -379,7 +388,7 @@ impl Store {
         let title = patch.title.as_ref().map(|t| t.as_str());
         let set_body = patch.body.is_some();
         let body = patch.body.clone().flatten();
-        with_conn!(write self, |p, sql, note| {
+        with_conn!(write PatchNote, self, |p, sql, note| {
             let rows = sqlx::query(sql.patch)
                 .bind(id)
                 .bind(title)
@@ -394,7 +403,7 @@ impl Store {
     /// `true` when a note was deleted. `execute` steps the statement to its
     /// end, so the commit's outcome is its result.
     pub async fn delete_note(&self, id: i64) -> Result<bool, StoreError> {
-        with_conn!(write self, |p, sql, note| {
+        with_conn!(write DeleteNote, self, |p, sql, note| {
             sqlx::query(sql.delete)
                 .bind(id)
                 .execute(p)
@@ -406,7 +415,7 @@ impl Store {
 
     /// `SELECT 1` (readiness).
     pub(super) async fn select_one(&self) -> Result<(), StoreError> {
-        with_conn!(read self, |p, sql, note| {
+        with_conn!(read SelectOne, self, |p, sql, note| {
             sqlx::query("SELECT 1").execute(p).await.map(|_| ())?
         })
     }

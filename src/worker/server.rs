@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::http::list_cache::ListCache;
 use crate::http::{self, ApiError, AppState, Body};
 use crate::ipc::ToMaster;
+use crate::scoreboard::phase::{self, PhaseCell};
 use crate::scoreboard::{Flags, Slot, WorkerPhase};
 use crate::store::Store;
 
@@ -75,6 +76,10 @@ struct InFlightRequest {
     uri: hyper::Uri,
     id: HeaderValue,
     started_ns: u64,
+    /// Where the request is (see `scoreboard::phase`).
+    phase: Arc<PhaseCell>,
+    /// Its slow-request record was written (one per request).
+    reported: bool,
 }
 
 /// The requests in flight on this worker. The scoreboard slot shows the
@@ -89,6 +94,23 @@ impl InFlight {
     fn publish(slot: &Slot, token: u64, r: &InFlightRequest) {
         let id = r.id.to_str().unwrap_or("");
         slot.begin_request(token, r.method.as_str(), r.uri.path(), id, r.started_ns);
+        r.phase.make_front();
+    }
+
+    /// Write one record for each request running longer than `threshold`
+    /// that has none yet. The queue is in age order: only its slow head is read.
+    fn report_slow(&self, threshold: Duration, now_ns: u64, database: &str) {
+        let Ok(mut queue) = self.0.lock() else { return };
+        let limit = threshold.as_nanos() as u64;
+        for (_, r) in queue.iter_mut() {
+            let elapsed = now_ns.saturating_sub(r.started_ns);
+            if elapsed < limit {
+                break;
+            }
+            if !std::mem::replace(&mut r.reported, true) {
+                slow_record(r, elapsed, now_ns, database);
+            }
+        }
     }
 
     fn begin(&self, slot: &Slot, token: u64, r: InFlightRequest) {
@@ -129,7 +151,7 @@ impl Shared {
                 slot: slot.clone(),
                 max_body_bytes: config.http.max_body_bytes,
                 list_cache: ListCache::new(Duration::from_millis(config.http.list_cache_ms)),
-                debug_routes: std::env::var("NOTESD_DEBUG_ROUTES").is_ok_and(|v| v == "1"),
+                debug_routes: debug_routes(),
             },
             config,
             slot,
@@ -144,6 +166,21 @@ impl Shared {
             in_flight: InFlight::default(),
         }
     }
+}
+
+/// The test-only routes under /debug (`NOTESD_DEBUG_ROUTES=1`); with them,
+/// `NOTESD_DEBUG_BALLAST_MIB` makes the worker hold that much memory from
+/// its start (the tests of `max_worker_memory`).
+fn debug_routes() -> bool {
+    let on = std::env::var("NOTESD_DEBUG_ROUTES").is_ok_and(|v| v == "1");
+    if on
+        && let Some(mib) = std::env::var("NOTESD_DEBUG_BALLAST_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    {
+        http::set_ballast(mib);
+    }
+    on
 }
 
 /// A per-worker random 0..=jitter (no RNG crate needed: pid and clock suffice).
@@ -193,6 +230,10 @@ pub(crate) async fn run(shared: Arc<Shared>, acceptor: Arc<Acceptor>, life: Life
         .max_buf_size((shared.config.http.max_header_bytes as usize).max(8192) + 8192);
     let builder = Arc::new(builder);
     let accepting = tokio::spawn(serve_accepted(acceptor.clone(), shared.clone(), builder));
+    let slow = shared
+        .config
+        .slow_request()
+        .map(|t| tokio::spawn(watch_slow(shared.clone(), t)));
     let why = life.stopped().await;
     if empties_the_queues(why, shared.slot.board().flags()) {
         acceptor.close_when_empty();
@@ -204,6 +245,8 @@ pub(crate) async fn run(shared: Arc<Shared>, acceptor: Arc<Acceptor>, life: Life
     if why == Stop::Now {
         return why;
     }
+    // Draining requests are still watched; the task ends with the runtime.
+    drop(slow);
     // Every connection this worker took is served (with `Connection: close`).
     let _ = accepting.await;
     let grace = shared.config.graceful_timeout();
@@ -313,6 +356,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let route = http::metric_route(req.uri().path());
     // The access log's copy of the URI; the in-flight entry has its own.
     let logged_uri = shared.config.log.access_log.then(|| req.uri().clone());
+    let phase = PhaseCell::new(shared.slot.clone());
     shared.in_flight.begin(
         &shared.slot,
         token,
@@ -321,6 +365,8 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             uri: req.uri().clone(),
             id: request_id.clone(),
             started_ns: clock::now_ns(),
+            phase: phase.clone(),
+            reported: false,
         },
     );
     shared.slot.request_started();
@@ -331,7 +377,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let host = http::host::check(req.version(), req.headers());
     let bad_host = host.is_err();
     let mut resp = match host {
-        Ok(()) => route_within_timeout(shared, req).await,
+        Ok(()) => phase::scope(phase, route_within_timeout(shared, req)).await,
         Err(e) => ApiError::BadRequest(e.to_string()).into_response(),
     };
     resp.headers_mut()
@@ -375,6 +421,43 @@ async fn route_within_timeout(shared: &Shared, req: Request<Incoming>) -> Respon
         Ok(Ok(r)) => r,
         Ok(Err(e)) => e.into_response(),
         Err(_) => ApiError::Timeout(limit).into_response(),
+    }
+}
+
+/// The slow-request record of a request still running (`http.slow_request_ms`).
+fn slow_record(r: &InFlightRequest, elapsed_ns: u64, now_ns: u64, database: &str) {
+    let phase = r.phase.get();
+    let doing = phase.map_or_else(|| "not published".into(), |p| p.describe(now_ns, database));
+    let ms = elapsed_ns / 1_000_000;
+    let path = r.uri.path();
+    let request_id = r.id.to_str().unwrap_or("");
+    tracing::warn!(
+        request_id,
+        method = %r.method,
+        route = http::metric_route(path).label(),
+        elapsed_ms = ms,
+        worker_pid = std::process::id(),
+        phase = phase.map_or("unknown", |p| p.name()),
+        query = phase.and_then(|p| p.query).map_or("", |q| q.name()),
+        peer = database,
+        "slow request: {} {path} (request id {request_id}) running {ms} ms: {doing}",
+        r.method,
+    );
+}
+
+/// Write the slow-request records while the worker serves (see
+/// [`InFlight::report_slow`]): checked often enough to be within a tenth
+/// of the threshold (at most every 250 ms).
+async fn watch_slow(shared: Arc<Shared>, threshold: Duration) {
+    let every = (threshold / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    let database = shared.config.database_peer();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        shared
+            .in_flight
+            .report_slow(threshold, clock::now_ns(), &database);
     }
 }
 

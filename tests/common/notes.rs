@@ -614,6 +614,11 @@ impl Metrics {
                     .iter()
                     .any(|s| name.ends_with(s))
             })
+            // A process's own series (`process_*{process, slot}`) go when
+            // the process does: that is no counter going down.
+            .filter(|(series, _)| {
+                !series.starts_with("process_") || self.samples.contains_key(*series)
+            })
             .filter(|(series, v)| self.get(series) < **v)
             .map(|(series, v)| format!("{series}: {v} → {}", self.get(series)))
             .collect()

@@ -892,3 +892,185 @@ fn configs_of_finished_generations_are_forgotten() {
     }
     assert_eq!(sim.state.next_generation(), 52);
 }
+
+const MIB: u64 = 1 << 20;
+
+/// A 2-worker (or `workers`) service with `max_worker_memory = 64MiB`, all ready.
+fn memory_sim(workers: u32) -> Sim {
+    let mut c = (*config(workers)).clone();
+    c.server.max_worker_memory = Some(crate::config::ByteSize(64 * MIB));
+    let now = 100 * S;
+    let mut sim = Sim {
+        state: State::new(Arc::new(c), 64, now),
+        now,
+        next_pid: 1000,
+        log: Vec::new(),
+    };
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    sim
+}
+
+impl Sim {
+    /// One memory sample per live worker: `bytes_of(pid)`, one second later.
+    fn sample(&mut self, bytes_of: impl Fn(Pid) -> u64) -> Vec<Action> {
+        self.advance(S);
+        let samples = self
+            .state
+            .workers()
+            .map(|w| MemorySample {
+                pid: w.pid,
+                bytes: bytes_of(w.pid),
+                pss: true,
+            })
+            .collect();
+        self.run(Event::Memory { samples })
+    }
+
+    fn logged(&self, text: &str) -> usize {
+        self.log
+            .iter()
+            .filter(|a| matches!(a, Action::Log(_, m) if m.contains(text)))
+            .count()
+    }
+
+    /// Workers being recycled for memory (queued, retiring or draining).
+    fn memory_recycling(&self) -> usize {
+        self.state
+            .workers()
+            .filter(|w| w.recycle == Some(RecycleReason::Memory))
+            .count()
+    }
+}
+
+#[test]
+fn a_worker_over_the_limit_for_three_samples_is_recycled_replacement_first() {
+    let mut sim = memory_sim(2);
+    let fat = sim.pids("ready")[0];
+    let size = move |pid| if pid == fat { 80 * MIB } else { 20 * MIB };
+    for _ in 0..2 {
+        let a = sim.sample(size);
+        assert!(
+            a.iter().all(|a| !matches!(a, Action::Spawn { .. })),
+            "{a:?}"
+        );
+    }
+    let a = sim.sample(size);
+    assert!(a.iter().any(|a| matches!(a, Action::Spawn { .. })), "{a:?}");
+    assert!(signals(&a, WorkerSig::Term).is_empty(), "replacement first");
+    assert_eq!(sim.pids("retiring"), vec![fat]);
+    assert_eq!(
+        sim.logged(&format!(
+            "worker {fat} uses 80 MiB PSS > 64 MiB for 3 s: recycling"
+        )),
+        1
+    );
+    // More samples over the limit queue nothing more.
+    sim.sample(size);
+    assert_eq!(sim.logged("recycling"), 1);
+    let fresh = sim.pids("booting")[0];
+    let a = sim.run(Event::Message {
+        pid: fresh,
+        msg: ToMaster::Ready,
+    });
+    assert_eq!(signals(&a, WorkerSig::Term), vec![fat]);
+    assert_eq!(sim.state.recycles.get(RecycleReason::Memory), 1);
+    sim.exit(fat, 0);
+    assert_eq!(sim.pids("ready").len(), 2);
+}
+
+#[test]
+fn a_brief_spike_under_three_samples_recycles_nothing() {
+    let mut sim = memory_sim(2);
+    let fat = sim.pids("ready")[0];
+    for round in 0..10 {
+        // Over for two samples, then under for one: never three in a row.
+        let over = round % 3 != 2;
+        sim.sample(|pid| {
+            if pid == fat && over {
+                100 * MIB
+            } else {
+                10 * MIB
+            }
+        });
+    }
+    assert_eq!(sim.pids("ready").len(), 2);
+    assert!(sim.pids("retiring").is_empty() && sim.pids("booting").is_empty());
+    assert_eq!(sim.state.recycles.get(RecycleReason::Memory), 0);
+}
+
+#[test]
+fn a_limit_below_every_workers_need_recycles_one_at_a_time_and_never_dips() {
+    let mut sim = memory_sim(3);
+    // Every worker, new ones too, is over the limit from its first sample
+    // (and over twice the limit: never having been under, it is not a leak).
+    for _ in 0..60 {
+        sim.sample(|_| 200 * MIB);
+        assert!(
+            sim.memory_recycling() <= 1,
+            "{:?}",
+            sim.state.workers().collect::<Vec<_>>()
+        );
+        assert!(sim.pids("ready").len() + sim.pids("retiring").len() >= 3);
+        assert!(sim.pids("stopping").len() <= 1);
+        sim.ready_all_booting();
+        for pid in sim.pids("stopping") {
+            sim.exit(pid, 0);
+        }
+    }
+    let churned = sim.state.recycles.get(RecycleReason::Memory);
+    // It churns (the limit is wrong, and the log says so every time), but
+    // never faster than one recycle per sample.
+    assert!(
+        (10..=60).contains(&churned),
+        "{churned} recycles in 60 samples"
+    );
+}
+
+#[test]
+fn a_worker_that_grows_past_twice_the_limit_is_stopped_at_once() {
+    let mut sim = memory_sim(2);
+    let fat = sim.pids("ready")[0];
+    sim.sample(|_| 20 * MIB);
+    let a = sim.sample(|pid| if pid == fat { 130 * MIB } else { 20 * MIB });
+    assert_eq!(signals(&a, WorkerSig::Term), vec![fat], "{a:?}");
+    assert!(a.iter().any(|a| matches!(a, Action::Spawn { .. })));
+    assert_eq!(sim.logged("over twice the limit"), 1);
+    assert_eq!(sim.state.recycles.get(RecycleReason::Memory), 1);
+    // The other one, growing too while the first drains, waits its turn.
+    let other = sim.pids("ready")[0];
+    let a = sim.sample(|pid| {
+        if pid == other || pid == fat {
+            130 * MIB
+        } else {
+            20 * MIB
+        }
+    });
+    assert!(signals(&a, WorkerSig::Term).is_empty(), "{a:?}");
+}
+
+#[test]
+fn recycles_are_counted_by_reason() {
+    let mut sim = Sim::new(2);
+    sim.run(Event::Started);
+    sim.ready_all_booting();
+    let ready = sim.pids("ready");
+    sim.run(Event::Message {
+        pid: ready[0],
+        msg: ToMaster::Retire { requests: 10 },
+    });
+    sim.ready_all_booting();
+    assert_eq!(sim.state.recycles.get(RecycleReason::MaxRequests), 1);
+    sim.run(Event::Signal(Sig::Ttou));
+    assert_eq!(sim.state.recycles.get(RecycleReason::ScaleDown), 1);
+    sim.run(Event::Reload {
+        ticket: 1,
+        config: Ok(config(1)),
+    });
+    sim.ready_all_booting();
+    assert!(sim.state.recycles.get(RecycleReason::Reload) >= 1);
+    // A shutdown's stops are no recycles.
+    let before = sim.state.recycles;
+    sim.run(Event::Signal(Sig::Term));
+    assert_eq!(sim.state.recycles, before);
+}
