@@ -192,14 +192,20 @@ where
 
 /// Two journald writers: access lines at priority 7 as `notesd-access`, the
 /// rest at the usual priorities as `notesd` (see the module doc for why).
+/// Fields keep their own names, upper-cased (`REQUEST_ID`, `WCHAN`,
+/// `ELAPSED_MS`…), not tracing-journald's default `F_` prefix, so that
+/// `journalctl -u notesd REQUEST_ID=…` finds a request; none of them is one
+/// of journald's own (`MESSAGE`, `PRIORITY`, `SYSLOG_IDENTIFIER`, `CODE_*`).
 fn journald_layer() -> io::Result<BoxLayer> {
     use tracing_journald::{Priority, PriorityMappings};
     use tracing_subscriber::filter::filter_fn;
     let lifecycle = tracing_journald::layer()?
         .with_syslog_identifier("notesd".into())
+        .with_field_prefix(None)
         .with_filter(filter_fn(|m| m.target() != ACCESS_TARGET));
     let access = tracing_journald::layer()?
         .with_syslog_identifier("notesd-access".into())
+        .with_field_prefix(None)
         .with_priority_mappings(PriorityMappings {
             info: Priority::Debug,
             ..PriorityMappings::new()

@@ -512,7 +512,11 @@ impl Edge {
     fn report_stuck_slow(&mut self, state: &State) {
         let now_ns = clock::now_ns();
         let mut seen = std::collections::BTreeSet::new();
-        for w in state.workers() {
+        // A worker being killed already had its record (the kill's).
+        let live = state
+            .workers()
+            .filter(|w| !matches!(w.state, state::WorkerState::Killing { .. }));
+        for w in live {
             let config = state.config_of(w.generation).unwrap_or(state.config());
             let Some(threshold) = config.slow_request() else {
                 continue;
@@ -538,8 +542,8 @@ impl Edge {
             }
             self.slow_reported.insert(key);
             let stuck = procfs::stuck(w.pid);
-            let what = "slow request, worker stuck";
-            log_stuck(w.pid, &snap, &stuck, config, what, late, false);
+            let what = format!("slow request, worker {} stuck", w.pid);
+            log_stuck(w.pid, &snap, &stuck, config, &what, late, false);
         }
         self.slow_reported.retain(|k| seen.contains(k));
     }
@@ -934,7 +938,7 @@ impl Edge {
         let stuck = procfs::stuck(pid);
         match self.board.read(slot) {
             Ok(snap) if snap.pid == pid as u32 => {
-                let what = format!("worker timed out (age {age:.1} s); SIGABRT, then SIGKILL");
+                let what = format!("worker {pid} timed out (age {age:.1} s)");
                 log_stuck(pid, &snap, &stuck, config, &what, silent, true);
             }
             _ => tracing::error!(
@@ -995,13 +999,15 @@ fn log_stuck(
     };
     let phase = snap.request_phase.filter(|_| snap.current.is_some());
     let doing = match (&snap.current, phase) {
-        (None, _) => "idle (no request in flight)".to_string(),
+        (None, _) => "while idle (no request in flight)".to_string(),
         (Some(_), Some(p)) => format!(
-            "serving {method} {path} (request id {request_id}, running {elapsed_ms} ms; last published: {})",
+            "while serving {method} {path} (request id {request_id}, running {elapsed_ms} ms; last published: {})",
             p.describe(now_ns, &database)
         ),
         (Some(_), None) => {
-            format!("serving {method} {path} (request id {request_id}, running {elapsed_ms} ms)")
+            format!(
+                "while serving {method} {path} (request id {request_id}, running {elapsed_ms} ms)"
+            )
         }
     };
     // One macro call per level: tracing's level is part of the callsite.
@@ -1020,9 +1026,14 @@ fn log_stuck(
                 syscall = stuck.syscall.as_deref().unwrap_or(""),
                 peer = stuck.peer.as_deref().unwrap_or(""),
                 stack = stuck.stack.as_deref().unwrap_or(""),
-                "{what}: worker {pid}, no heartbeat for {:.1} s, {doing}; kernel: {}",
+                "{what}: no heartbeat for {:.1} s, {doing}; kernel: {}{}",
                 silent.as_secs_f64(),
-                stuck.summary()
+                stuck.summary(),
+                if killing {
+                    "; SIGABRT, then SIGKILL"
+                } else {
+                    ""
+                }
             )
         };
     }

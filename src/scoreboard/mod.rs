@@ -634,6 +634,40 @@ mod tests {
         }
     }
 
+    /// A board from a master before the slot extension (met after an
+    /// upgrade in place): opened, served, no phases.
+    #[test]
+    fn a_board_without_the_extension_is_opened_and_publishes_no_phase() {
+        let slots = 2;
+        let fd = nix::sys::memfd::memfd_create(c"old", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .expect("memfd");
+        let len = HEADER + slots * SLOT_SIZE_WITHOUT_EXT;
+        nix::unistd::ftruncate(&fd, len as i64).expect("size");
+        let mut old = Scoreboard::map(fd, len, slots as u32).expect("map");
+        old.slot_size = SLOT_SIZE_WITHOUT_EXT;
+        old.u64_at(0).store(MAGIC, Ordering::Relaxed);
+        old.u32_at(8).store(LAYOUT_VERSION, Ordering::Relaxed);
+        old.u32_at(12)
+            .store(SLOT_SIZE_WITHOUT_EXT as u32, Ordering::Relaxed);
+        old.u32_at(16).store(slots as u32, Ordering::Release);
+        old.reset(1, 77, 5).expect("reset");
+        let dup = nix::unistd::dup(old.fd()).expect("dup");
+        let board = Arc::new(Scoreboard::open(dup).expect("an older master's board opens"));
+        let slot = Slot::new(board.clone(), 1).expect("slot");
+        slot.begin_request(1, "GET", "/", "id", 9);
+        slot.set_request_phase(u64::MAX);
+        slot.record(Route::Root, 200, std::time::Duration::from_millis(1));
+        let snap = old.read(1).expect("read");
+        assert_eq!((snap.pid, snap.request_phase), (77, None));
+        assert!(snap.current.is_some());
+        assert_eq!(old.totals().requests(Route::Root, 0), 1);
+        assert_eq!(
+            old.read(0).expect("slot 0").pid,
+            0,
+            "slot 1 did not spill into slot 0"
+        );
+    }
+
     #[test]
     fn foreign_memfd_is_refused() {
         let fd = nix::sys::memfd::memfd_create(c"x", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)

@@ -339,6 +339,19 @@ fi
 # ---------------------------------------------------------------- 2. requests
 say "2. requests through nginx (the installed site) and the socket"
 op "sudo notesd status" >/dev/null || fail "notesd status"
+# Per-process resources under the unit's sandbox (ProtectProc=invisible,
+# ProcSubset=pid): the master reads its workers' /proc, a worker the others'.
+S=$(status_json)
+jq -e '.master.cpu_s >= 0 and .master.pss_bytes > 0 and .master.open_fds > 0 and
+       all(.workers[]; .resources.rss_bytes > 0 and .resources.pss_bytes > 0 and .resources.open_fds > 0)' \
+    <<<"$S" >/dev/null || fail "notesd status lacks CPU/RSS/PSS/fds under the unit: $S"
+M=$(C curl -s --unix-socket /run/notesd/notesd.sock http://localhost/metrics)
+for series in 'process_cpu_seconds_total{process="master"' 'notesd_process_pss_bytes{process="worker"' \
+    'process_open_fds{process="worker"' 'process_start_time_seconds{process="master"' \
+    'notesd_worker_recycles_total{reason="memory"}'; do
+    grep -qF -- "$series" <<<"$M" || fail "/metrics under the unit has no $series"
+done
+measured "resources under the sandbox" "status: master PSS $(jq .master.pss_bytes <<<"$S") B, $(jq .master.open_fds <<<"$S") fds; /metrics: process_* for master and workers"
 [[ $(op "curl -s --unix-socket /run/notesd/notesd.sock http://localhost/healthz") == '{"ok":true}' ]] || fail "healthz over the socket"
 op "sudo ln -s /etc/nginx/sites-available/notesd /etc/nginx/sites-enabled/notesd"
 if [[ -e $R/etc/nginx/sites-enabled/default ]]; then op "sudo rm /etc/nginx/sites-enabled/default"; fi
@@ -459,9 +472,16 @@ killed_ms=$(($(now_ms) - t0))
 ((killed_ms >= 4000 && killed_ms <= 7500)) || fail "the stopped workers were killed after $killed_ms ms, not after timeout (5 s)"
 for p in "$replacement" "$original"; do
     journal_has "worker $p timed out" || fail "no timeout line for worker $p"
+    # What the kernel said, as journal fields (the master reads its children's
+    # /proc/PID/wchan and syscall under the unit's sandbox).
+    fields=$(C journalctl -u notesd -o json --no-pager |
+        jq -r --arg m "worker $p timed out" 'select((.MESSAGE | tostring) | contains($m)) | "\(.WCHAN) \(.SYSCALL) \(.WORKER_PID)"' | tail -n 1)
+    read -r wchan syscall wpid <<<"$fields"
+    [[ $wchan == do_signal_stop && $wpid == "$p" && -n $syscall && $syscall != null ]] ||
+        fail "the timeout record of worker $p has WCHAN=$wchan SYSCALL=$syscall WORKER_PID=$wpid"
 done
 wait_serving 20 >/dev/null || fail "notesd did not get back to full strength"
-measured "stopped replacement + original killed" "after $killed_ms ms (timeout 5 s), both logged with the request they served"
+measured "stopped replacement + original killed" "after $killed_ms ms (timeout 5 s), both logged with the request they served and WCHAN=$wchan SYSCALL=$syscall"
 sed -i 's/^timeout = 5$/timeout = 30/' "$R/etc/notesd/notesd.toml"
 op "sudo systemctl reload notesd" || fail "reload (timeout = 30)"
 
