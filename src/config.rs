@@ -579,7 +579,10 @@ impl Config {
         p.range("http.request_timeout", h.request_timeout, 1, 86_400);
         p.range("http.max_header_bytes", h.max_header_bytes, 1_024, 1 << 20);
         p.range("http.list_cache_ms", h.list_cache_ms, 0, 60_000);
-        p.range("http.slow_request_ms", h.slow_request_ms, 0, 86_400_000);
+        if h.slow_request_ms != 0 {
+            // Below 100 ms nearly every request would get a record.
+            p.range("http.slow_request_ms", h.slow_request_ms, 100, 86_400_000);
+        }
         let l = &self.log;
         if !matches!(l.target.as_str(), "auto" | "stderr" | "journald") {
             p.add(
@@ -958,6 +961,8 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&c2).expect("json")).expect("parse");
         assert_eq!(back, c2);
         assert_eq!(back.slow_request(), None);
+        let fast = parse("[http]\nslow_request_ms = 50\n").expect("parses");
+        assert_eq!(fast.validate()[0].key, "http.slow_request_ms");
     }
 
     #[test]

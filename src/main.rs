@@ -359,18 +359,58 @@ fn resource_columns(r: Option<&notesd::master::control::Resources>) -> String {
     }
 }
 
+/// `notesd status`: a summary line, then one row per process (the master
+/// first), each with its resources and, for a worker, its current request.
 fn format_status(st: &notesd::master::control::Status) -> String {
     use std::fmt::Write;
-    let mut out = String::new();
+    let mut out = status_summary(st);
+    let _ = writeln!(
+        out,
+        "{:>8} {:>4} {:>4} {:<9} {:>9} {:>9} {:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>5}  current request",
+        "pid",
+        "slot",
+        "gen",
+        "state",
+        "age",
+        "requests",
+        "conns",
+        "accepted",
+        "heartbeat",
+        "cpu s",
+        "rss",
+        "pss",
+        "fds"
+    );
+    let _ = writeln!(
+        out,
+        "{:>8} {:>4} {:>4} {:<9} {:>8.1}s {:>9} {:>5} {:>9} {:>10} {}  (master)",
+        st.master_pid,
+        "-",
+        "-",
+        "master",
+        st.uptime_s,
+        "-",
+        "-",
+        "-",
+        "-",
+        resource_columns(st.master.as_ref())
+    );
+    for w in &st.workers {
+        out.push_str(&worker_row(w));
+    }
+    out
+}
+
+/// The line above the table: who, what phase, how many, restarts, recycles.
+fn status_summary(st: &notesd::master::control::Status) -> String {
     let recycled: Vec<String> = st
         .recycles
         .iter()
         .filter(|(_, n)| **n > 0)
         .map(|(r, n)| format!("{r} {n}"))
         .collect();
-    let _ = writeln!(
-        out,
-        "master {} ({}) — {}{} — generation {} — {}/{} workers — up {:.0} s — {} restarts — recycled: {} — config {}",
+    let mut line = format!(
+        "master {} ({}) — {}{} — generation {} — {}/{} workers — up {:.0} s — {} restarts — recycled: {} — config {}\n",
         st.master_pid,
         st.version,
         st.phase,
@@ -392,70 +432,39 @@ fn format_status(st: &notesd::master::control::Status) -> String {
         st.config
     );
     if let Some(limit) = st.max_worker_memory {
-        let _ = writeln!(out, "max_worker_memory {} (PSS)", mib(limit));
+        line.push_str(&format!("max_worker_memory {} (PSS)\n", mib(limit)));
     }
-    let _ = writeln!(
-        out,
-        "{:>8} {:>4} {:>4} {:<9} {:>9} {:>9} {:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>5}  current request",
-        "pid",
-        "slot",
-        "gen",
-        "state",
-        "age",
-        "requests",
-        "conns",
-        "accepted",
-        "heartbeat",
-        "cpu s",
-        "rss",
-        "pss",
-        "fds"
-    );
-    let _ = writeln!(
-        out,
-        "{:>8} {:>4} {:>4} {:<9} {:>9} {:>9} {:>5} {:>9} {:>10} {}  (master)",
-        st.master_pid,
-        "-",
-        "-",
-        "master",
-        format!("{:.1}s", st.uptime_s),
-        "-",
-        "-",
-        "-",
-        "-",
-        resource_columns(st.master.as_ref())
-    );
-    for w in &st.workers {
-        let current = w
-            .current_request
-            .as_ref()
-            .map(|r| {
-                let phase = r
-                    .phase
-                    .as_ref()
-                    .map(|p| format!("; {p}"))
-                    .unwrap_or_default();
-                format!(
-                    "{} {} ({} ms, {}{phase})",
-                    r.method, r.path, r.elapsed_ms, r.request_id
-                )
-            })
-            .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "{:>8} {:>4} {:>4} {:<9} {:>8.1}s {:>9} {:>5} {:>9} {:>9.2}s {}  {}",
-            w.pid,
-            w.slot,
-            w.generation,
-            w.state,
-            w.age_s,
-            w.requests,
-            w.active_connections,
-            w.accepted,
-            w.last_heartbeat_s,
-            resource_columns(w.resources.as_ref()),
-            current
-        );
-    }
-    out
+    line
+}
+
+fn worker_row(w: &notesd::master::control::WorkerStatus) -> String {
+    let current = w
+        .current_request
+        .as_ref()
+        .map(|r| {
+            let phase = r
+                .phase
+                .as_ref()
+                .map(|p| format!("; {p}"))
+                .unwrap_or_default();
+            format!(
+                "{} {} ({} ms, {}{phase})",
+                r.method, r.path, r.elapsed_ms, r.request_id
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "{:>8} {:>4} {:>4} {:<9} {:>8.1}s {:>9} {:>5} {:>9} {:>9.2}s {}  {}\n",
+        w.pid,
+        w.slot,
+        w.generation,
+        w.state,
+        w.age_s,
+        w.requests,
+        w.active_connections,
+        w.accepted,
+        w.last_heartbeat_s,
+        resource_columns(w.resources.as_ref()),
+        current
+    )
 }

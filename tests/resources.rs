@@ -129,6 +129,51 @@ fn a_growing_worker_is_recycled_after_three_samples_with_no_failed_request() {
     );
 }
 
+/// A worker that was under the limit and grows past twice it is not waited
+/// for: it retires at the first such sample, still replacement first.
+#[test]
+fn a_worker_grown_past_twice_the_limit_retires_at_the_first_sample() {
+    let server = TestServer::start(
+        "mem_double",
+        TestOptions {
+            workers: 2,
+            server_extra: "max_worker_memory = \"32MiB\"".into(),
+            ..TestOptions::default()
+        },
+    );
+    thread::sleep(Duration::from_millis(1200)); // a sample under the limit
+    let load = server.load(4, "/healthz");
+    let fat = ballast(&server, 80);
+    let grown = Instant::now();
+    let mut min_serving = usize::MAX;
+    let gone = poll_until(Duration::from_secs(8), || {
+        if let Ok(s) = server.try_status() {
+            min_serving = min_serving.min(count(&states(&s), &["ready", "retiring"]));
+        }
+        !pid_alive(fat)
+    });
+    let took = grown.elapsed();
+    let stats = load.stop();
+    eprintln!(
+        "MEMORY twice: worker {fat} gone {took:?} after growing to 80 MiB (limit 32 MiB), min serving {min_serving}, {stats:?}"
+    );
+    assert!(gone, "{}", server.log_tail());
+    assert!(
+        took < Duration::from_millis(2600),
+        "one sample, not three: {took:?}"
+    );
+    assert!(min_serving >= 2, "capacity dipped to {min_serving}");
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    let log = server.log();
+    assert!(
+        log.contains(&format!("worker {fat} uses "))
+            && log.contains("over twice the limit: recycling it now"),
+        "{}",
+        server.log_tail()
+    );
+    assert_eq!(memory_recycles(&server), 1.0);
+}
+
 /// Over the limit for fewer than 3 samples in a row: nothing happens.
 #[test]
 fn a_worker_briefly_over_the_limit_is_not_recycled() {
@@ -243,6 +288,38 @@ fn each_request_waiting_on_a_locked_table_gets_one_record_naming_its_query() {
         );
         eprintln!("SLOW record: {r}");
     }
+}
+
+/// A request that passes the threshold while nothing can check it (here the
+/// thread itself is blocked for a moment) gets its record when it ends:
+/// one record per slow request, never none.
+#[test]
+fn a_request_slow_between_two_checks_gets_its_record_when_it_ends() {
+    let server = TestServer::start(
+        "slow_between",
+        TestOptions {
+            workers: 1,
+            extra_toml: "[http]\nslow_request_ms = 300\n".into(),
+            ..TestOptions::default()
+        },
+    );
+    let resp = server.request(
+        "GET",
+        "/debug/block?ms=450",
+        &[("X-Request-Id", "between-1")],
+    );
+    assert_eq!(resp.status, 200);
+    let quick = server.request("GET", "/debug/sleep?ms=50", &[("X-Request-Id", "quick-1")]);
+    assert_eq!(quick.status, 200);
+    thread::sleep(Duration::from_millis(200));
+    let log = server.log();
+    let records: Vec<&str> = log.lines().filter(|l| l.contains("slow request")).collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(
+        records[0].contains("request id between-1") && records[0].contains("answered after"),
+        "{}",
+        records[0]
+    );
 }
 
 /// A worker whose thread is stuck gets a record of what the kernel says it

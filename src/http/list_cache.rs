@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 
+use crate::scoreboard::phase::{self, Query, Step};
 use crate::store::{CommitToken, Store, StoreError};
 
 /// Pages bigger than this are not kept (200 notes with long bodies).
@@ -108,12 +109,16 @@ impl ListCache {
         store: &Store,
         since: Instant,
     ) -> Result<CommitToken, StoreError> {
+        // Waiting for another request's token query is waiting on that query.
+        phase::enter(Step::Query, Some(Query::CommitToken));
         let mut last = self.token.lock().await;
         if let Some(answer) = last.as_ref().and_then(|q| q.answers(since)) {
+            phase::enter(Step::Handling, None);
             return answer;
         }
         let started = Instant::now();
         let result = store.commit_token().await.map_err(Arc::new);
+        phase::enter(Step::Handling, None);
         *last = Some(TokenQuery {
             started,
             ended: Instant::now(),

@@ -116,7 +116,7 @@ pub(crate) async fn route(
             Bytes::from_static(br#"{"ok":true}"#),
         )),
         (&Method::GET | &Method::HEAD, "/readyz") => Ok(readyz(app).await),
-        (&Method::GET | &Method::HEAD, "/metrics") => Ok(metrics::render(app.slot.board())),
+        (&Method::GET | &Method::HEAD, "/metrics") => Ok(metrics::render(app.slot.board()).await),
         (_, "/" | "/healthz" | "/readyz" | "/metrics") => {
             Err(ApiError::MethodNotAllowed { allow: ALLOW_READ })
         }

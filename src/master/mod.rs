@@ -140,9 +140,6 @@ struct Edge {
     last_status: String,
     /// When the workers' memory was last sampled (`max_worker_memory`).
     last_memory_sample: Duration,
-    /// The requests of stuck workers that already have their slow-request
-    /// record: (pid, request start). One record per request.
-    slow_reported: std::collections::BTreeSet<(i32, u64)>,
 }
 
 /// Run the master until it exits; returns the process exit code.
@@ -405,7 +402,6 @@ impl Edge {
             notify: std::env::var_os("NOTIFY_SOCKET").is_some(),
             last_status: String::new(),
             last_memory_sample: Duration::ZERO,
-            slow_reported: std::collections::BTreeSet::new(),
         })
     }
 
@@ -479,23 +475,22 @@ impl Edge {
         self.report_status(state);
     }
 
-    /// Every second while a generation has `max_worker_memory`: each
-    /// worker's PSS (RSS where the kernel has no `smaps_rollup`).
+    /// Every second while a generation has `max_worker_memory`: the memory
+    /// of each ready worker held to it (PSS, read only past the limit: see
+    /// [`procfs::memory_against`]).
     fn sample_memory(&mut self, state: &mut State) {
         let now = clock::now();
-        let limited = state.live_generations().iter().any(|g| {
-            state
-                .config_of(*g)
-                .is_some_and(|c| c.max_worker_memory().is_some())
-        });
-        if !limited || now.saturating_sub(self.last_memory_sample) < MEMORY_SAMPLE_EVERY {
+        if now.saturating_sub(self.last_memory_sample) < MEMORY_SAMPLE_EVERY {
             return;
         }
-        self.last_memory_sample = now;
-        let samples = state
+        let limit_of = |w: &state::Worker| {
+            let limit = state.config_of(w.generation)?.max_worker_memory()?;
+            (w.state == state::WorkerState::Ready).then_some(limit)
+        };
+        let samples: Vec<MemorySample> = state
             .workers()
             .filter_map(|w| {
-                let (bytes, kind) = procfs::memory(w.pid).ok()?;
+                let (bytes, kind) = procfs::memory_against(w.pid, limit_of(w)?).ok()?;
                 Some(MemorySample {
                     pid: w.pid,
                     bytes,
@@ -503,15 +498,18 @@ impl Edge {
                 })
             })
             .collect();
+        if samples.is_empty() {
+            return;
+        }
+        self.last_memory_sample = now;
         self.execute(state, Event::Memory { samples });
     }
 
     /// The slow-request record of a worker whose thread is stuck (its loop
     /// cannot write one itself: see `worker::server`): its oldest request
     /// passed `slow_request_ms` and its heartbeat is late. Once per request.
-    fn report_stuck_slow(&mut self, state: &State) {
+    fn report_stuck_slow(&self, state: &State) {
         let now_ns = clock::now_ns();
-        let mut seen = std::collections::BTreeSet::new();
         // A worker being killed already had its record (the kill's).
         let live = state
             .workers()
@@ -530,22 +528,24 @@ impl Edge {
                 continue;
             };
             let Some(req) = &snap.current else { continue };
-            let key = (w.pid, req.started_ns);
-            seen.insert(key);
             let late = Duration::from_nanos(now_ns.saturating_sub(snap.heartbeat_ns));
             let beat = crate::worker::lifecycle::heartbeat_interval(config.timeout());
             if Duration::from_nanos(now_ns.saturating_sub(req.started_ns)) < threshold
                 || late < 2 * beat + STUCK_SLACK
-                || self.slow_reported.contains(&key)
+                || !self.board.claim_report(w.slot, req.token)
             {
                 continue;
             }
-            self.slow_reported.insert(key);
-            let stuck = procfs::stuck(w.pid);
-            let what = format!("slow request, worker {} stuck", w.pid);
-            log_stuck(w.pid, &snap, &stuck, config, &what, late, false);
+            StuckRecord {
+                pid: w.pid,
+                what: format!("slow request, worker {} stuck", w.pid),
+                snap: &snap,
+                stuck: &procfs::stuck(w.pid),
+                config,
+                silent: late,
+            }
+            .log(false);
         }
-        self.slow_reported.retain(|k| seen.contains(k));
     }
 
     /// A new reload request's ticket.
@@ -937,10 +937,15 @@ impl Edge {
             .unwrap_or(state.config());
         let stuck = procfs::stuck(pid);
         match self.board.read(slot) {
-            Ok(snap) if snap.pid == pid as u32 => {
-                let what = format!("worker {pid} timed out (age {age:.1} s)");
-                log_stuck(pid, &snap, &stuck, config, &what, silent, true);
+            Ok(snap) if snap.pid == pid as u32 => StuckRecord {
+                pid,
+                what: format!("worker {pid} timed out (age {age:.1} s)"),
+                snap: &snap,
+                stuck: &stuck,
+                config,
+                silent,
             }
+            .log(true),
             _ => tracing::error!(
                 worker_pid = pid,
                 wchan = stuck.wchan.as_deref().unwrap_or(""),
@@ -977,70 +982,85 @@ const STUCK_SLACK: Duration = Duration::from_millis(500);
 /// The record of a stuck worker: the request its slot shows, where that
 /// request was (its published phase), and what the kernel says the thread
 /// is in. journald gets each as a field.
-fn log_stuck(
+struct StuckRecord<'a> {
     pid: i32,
-    snap: &crate::scoreboard::SlotSnapshot,
-    stuck: &procfs::Stuck,
-    config: &Config,
-    what: &str,
+    /// The record's head: "worker 1234 timed out (age 3.0 s)".
+    what: String,
+    snap: &'a crate::scoreboard::SlotSnapshot,
+    stuck: &'a procfs::Stuck,
+    /// The worker's generation's config (its database, for the phase).
+    config: &'a Config,
+    /// How long its heartbeat has been silent.
     silent: Duration,
-    killing: bool,
-) {
-    let now_ns = clock::now_ns();
-    let database = config.database_peer();
-    let (request_id, method, path, elapsed_ms) = match &snap.current {
-        Some(r) => (
-            r.request_id.as_str(),
-            r.method.as_str(),
-            r.path.as_str(),
-            now_ns.saturating_sub(r.started_ns) / 1_000_000,
-        ),
-        None => ("", "", "", 0),
-    };
-    let phase = snap.request_phase.filter(|_| snap.current.is_some());
-    let doing = match (&snap.current, phase) {
-        (None, _) => "while idle (no request in flight)".to_string(),
-        (Some(_), Some(p)) => format!(
-            "while serving {method} {path} (request id {request_id}, running {elapsed_ms} ms; last published: {})",
-            p.describe(now_ns, &database)
-        ),
-        (Some(_), None) => {
-            format!(
-                "while serving {method} {path} (request id {request_id}, running {elapsed_ms} ms)"
-            )
-        }
-    };
-    // One macro call per level: tracing's level is part of the callsite.
-    macro_rules! record {
-        ($level:ident) => {
-            tracing::$level!(
-                worker_pid = pid,
-                request_id,
-                method,
-                route = crate::http::metric_route(path).label(),
-                elapsed_ms,
-                phase = phase.map_or("", |p| p.name()),
-                query = phase.and_then(|p| p.query).map_or("", |q| q.name()),
-                state = stuck.state.as_str(),
-                wchan = stuck.wchan.as_deref().unwrap_or(""),
-                syscall = stuck.syscall.as_deref().unwrap_or(""),
-                peer = stuck.peer.as_deref().unwrap_or(""),
-                stack = stuck.stack.as_deref().unwrap_or(""),
-                "{what}: no heartbeat for {:.1} s, {doing}; kernel: {}{}",
-                silent.as_secs_f64(),
-                stuck.summary(),
-                if killing {
-                    "; SIGABRT, then SIGKILL"
-                } else {
-                    ""
-                }
-            )
+}
+
+impl StuckRecord<'_> {
+    /// What the worker was serving, and where that request was.
+    fn doing(&self) -> String {
+        let Some(r) = &self.snap.current else {
+            return "while idle (no request in flight)".to_string();
         };
+        let now_ns = clock::now_ns();
+        let running = now_ns.saturating_sub(r.started_ns) / 1_000_000;
+        let head = format!(
+            "while serving {} {} (request id {}, running {running} ms",
+            r.method, r.path, r.request_id
+        );
+        match self.snap.request_phase {
+            Some(p) => format!(
+                "{head}; last published: {})",
+                p.describe(now_ns, &self.config.database_peer())
+            ),
+            None => format!("{head})"),
+        }
     }
-    if killing {
-        record!(error);
-    } else {
-        record!(warn);
+
+    /// Log it: WARN while the worker is only slow, ERROR with its kill.
+    fn log(&self, killing: bool) {
+        let (pid, stuck) = (self.pid, self.stuck);
+        let current = self.snap.current.as_ref();
+        let phase = self.snap.request_phase.filter(|_| current.is_some());
+        let path = current.map_or("", |r| r.path.as_str());
+        let elapsed_ms = current.map_or(0, |r| {
+            clock::now_ns().saturating_sub(r.started_ns) / 1_000_000
+        });
+        let message = format!(
+            "{}: no heartbeat for {:.1} s, {}; kernel: {}{}",
+            self.what,
+            self.silent.as_secs_f64(),
+            self.doing(),
+            stuck.summary(),
+            if killing {
+                "; SIGABRT, then SIGKILL"
+            } else {
+                ""
+            }
+        );
+        // One macro call per level: tracing's level is part of the callsite.
+        macro_rules! record {
+            ($level:ident) => {
+                tracing::$level!(
+                    worker_pid = pid,
+                    request_id = current.map_or("", |r| r.request_id.as_str()),
+                    method = current.map_or("", |r| r.method.as_str()),
+                    route = crate::http::metric_route(path).label(),
+                    elapsed_ms,
+                    phase = phase.map_or("", |p| p.name()),
+                    query = phase.and_then(|p| p.query).map_or("", |q| q.name()),
+                    state = stuck.state.as_str(),
+                    wchan = stuck.wchan.as_deref().unwrap_or(""),
+                    syscall = stuck.syscall.as_deref().unwrap_or(""),
+                    peer = stuck.peer.as_deref().unwrap_or(""),
+                    stack = stuck.stack.as_deref().unwrap_or(""),
+                    "{message}"
+                )
+            };
+        }
+        if killing {
+            record!(error);
+        } else {
+            record!(warn);
+        }
     }
 }
 

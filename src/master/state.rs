@@ -173,8 +173,6 @@ pub struct MemoryWatch {
     /// It was once under the limit: a worker that then passes twice the
     /// limit is growing (a leak), not merely bigger than a limit set too low.
     pub was_under: bool,
-    /// The last sample, in bytes (0 = none yet).
-    pub last: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -614,7 +612,7 @@ impl State {
             Event::Message { pid, msg } => self.on_message(pid, msg, now, &mut out),
             Event::Exited { pid, how } => self.on_exit(pid, how, now, &mut out),
             Event::Tick { heartbeats } => self.on_tick(&heartbeats, now, &mut out),
-            Event::Memory { samples } => self.on_memory(&samples, now, &mut out),
+            Event::Memory { samples } => self.on_memory(&samples, &mut out),
         }
         self.manage(now, &mut out);
         self.forget_dead_configs();
@@ -1051,9 +1049,11 @@ impl State {
     /// Memory recycling (`server.max_worker_memory`): a serving worker over
     /// the limit for [`MEMORY_SAMPLES`] samples in a row is queued to retire
     /// as `max_requests` retires one (replacement first); one that grew past
-    /// twice the limit is stopped at once. Either way, one memory recycle at
-    /// a time per generation, so a limit set too low cannot churn them all.
-    fn on_memory(&mut self, samples: &[MemorySample], now: Duration, out: &mut Vec<Action>) {
+    /// twice the limit is not waited for: it retires at once, ahead of the
+    /// queue (still replacement first: a boot takes milliseconds). Either
+    /// way, one memory recycle at a time per generation, so a limit set too
+    /// low cannot churn them all, and capacity never dips.
+    fn on_memory(&mut self, samples: &[MemorySample], out: &mut Vec<Action>) {
         for s in samples {
             let Some(w) = self.workers.get_mut(&s.pid) else {
                 continue;
@@ -1063,7 +1063,6 @@ impl State {
                 w.memory = MemoryWatch::default();
                 continue;
             };
-            w.memory.last = s.bytes;
             if s.bytes <= limit {
                 w.memory.over = 0;
                 w.memory.was_under = true;
@@ -1084,12 +1083,10 @@ impl State {
             if was_under && s.bytes > 2 * limit {
                 out.push(Action::Log(
                     Level::Warn,
-                    format!(
-                        "{figures} (over twice the limit): stopping it now; its replacement follows"
-                    ),
+                    format!("{figures}, over twice the limit: recycling it now"),
                 ));
                 self.set_recycle(s.pid, RecycleReason::Memory);
-                self.stop(s.pid, now, out);
+                self.retire_queue.push_front(s.pid);
             } else if over >= MEMORY_SAMPLES {
                 out.push(Action::Log(
                     Level::Warn,

@@ -8,7 +8,7 @@
 //! a sequence counter (seqlock): readers retry or give up, writers never wait
 //! (it is only shown in `notesd status`; metrics need no such guard, below).
 //!
-//! Slot layout (256 bytes, little-endian, offsets in bytes):
+//! Slot layout (little-endian, offsets in bytes):
 //!
 //! | off | field |
 //! |---|---|
@@ -26,7 +26,7 @@
 //! | 248 | requests in flight (u32) |
 //! | 252 | connections accepted by this worker (u32, wraps) |
 //! | 256 | metrics: request counters by route × status, latency histogram by route ([`metrics`]) |
-//! | 256 + metrics | extension (64 bytes): the oldest request's phase ([`phase`]; u64) |
+//! | 256 + metrics | extension (64 bytes): the oldest request's phase ([`phase`]; u64), the token whose slow-request record was written (u64) |
 //!
 //! The extension came after layout 2 first shipped, so the header's slot size
 //! tells whether a board has it: a board from an older master (met after an
@@ -79,6 +79,9 @@ const EXT: usize = SLOT_SIZE_WITHOUT_EXT;
 const EXT_BYTES: usize = 64;
 pub(crate) const SLOT_SIZE: usize = SLOT_SIZE_WITHOUT_EXT + EXT_BYTES;
 const OFF_X_PHASE: usize = EXT;
+/// The token of the request whose slow-request record was written (by the
+/// worker or, for a stuck worker, the master): one record per request.
+const OFF_X_REPORTED: usize = EXT + 8;
 
 const OFF_PID: usize = 0;
 const OFF_STATE: usize = 4;
@@ -107,9 +110,13 @@ pub enum ScoreboardError {
     #[error("mapping the scoreboard: {0}")]
     Map(nix::Error),
     #[error(
-        "scoreboard layout mismatch (magic {magic:#x}, version {version}); master and worker binaries differ too much"
+        "scoreboard layout mismatch (magic {magic:#x}, version {version}, {slot_size}-byte slots); master and worker binaries differ too much"
     )]
-    Layout { magic: u64, version: u32 },
+    Layout {
+        magic: u64,
+        version: u32,
+        slot_size: usize,
+    },
     #[error("slot {0} is outside the scoreboard")]
     NoSlot(u32),
 }
@@ -185,6 +192,7 @@ impl Scoreboard {
             return Err(ScoreboardError::Layout {
                 magic: 0,
                 version: 0,
+                slot_size: 0,
             });
         }
         let mut board = Self::map(fd, len, 0)?;
@@ -197,7 +205,11 @@ impl Scoreboard {
             || !(slot_size == SLOT_SIZE || slot_size == SLOT_SIZE_WITHOUT_EXT)
             || HEADER + slots as usize * slot_size > len
         {
-            return Err(ScoreboardError::Layout { magic, version });
+            return Err(ScoreboardError::Layout {
+                magic,
+                version,
+                slot_size,
+            });
         }
         board.slots = slots;
         board.slot_size = slot_size;
@@ -270,6 +282,21 @@ impl Scoreboard {
             }
         }
         Ok(())
+    }
+
+    /// Claim the slow-request record of the request `token` in `slot` (the
+    /// one the slot shows): true for the first caller only, worker or
+    /// master. On a board without the extension, always true.
+    pub(crate) fn claim_report(&self, slot: u32, token: u64) -> bool {
+        match self.slot_off(slot) {
+            Ok(o) if self.has_ext() => {
+                self.u64_at(o + OFF_X_REPORTED)
+                    .swap(token, Ordering::AcqRel)
+                    != token
+            }
+            Ok(_) => true,
+            Err(_) => false,
+        }
     }
 
     /// The slots have the extension (see the module doc).
@@ -357,6 +384,7 @@ impl Scoreboard {
             let start = self.u64_at(o + OFF_REQ_START).load(Ordering::Relaxed);
             let req = (start != 0).then(|| CurrentRequest {
                 started_ns: start,
+                token: self.u64_at(o + OFF_REQ_TOKEN).load(Ordering::Relaxed),
                 method: self.read_str(o + OFF_METHOD, LEN_METHOD),
                 request_id: self.read_str(o + OFF_REQ_ID, LEN_REQ_ID),
                 path: self.read_str(o + OFF_PATH, LEN_PATH),
@@ -429,6 +457,8 @@ impl Drop for Scoreboard {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CurrentRequest {
     pub started_ns: u64,
+    /// The worker's number for it (see [`Scoreboard::claim_report`]).
+    pub(crate) token: u64,
     pub method: String,
     pub path: String,
     pub request_id: String,
@@ -471,6 +501,18 @@ impl Slot {
         self.board
             .u32_at(self.off + OFF_STATE)
             .store(phase as u32, Ordering::Relaxed);
+    }
+
+    /// Claim the slow-request record of the request `token`, the one this
+    /// slot shows (see [`Scoreboard::claim_report`]).
+    pub(crate) fn claim_report(&self, token: u64) -> bool {
+        if !self.board.has_ext() {
+            return true;
+        }
+        self.board
+            .u64_at(self.off + OFF_X_REPORTED)
+            .swap(token, Ordering::AcqRel)
+            != token
     }
 
     /// The oldest request's phase (a packed [`phase::RequestPhase`]).

@@ -138,7 +138,8 @@ impl RequestPhase {
 
     /// How long it has been in this step at `now_ns`.
     pub(crate) fn elapsed(&self, now_ns: u64) -> Duration {
-        Duration::from_micros((now_ns / 1_000).saturating_sub(self.since_us))
+        // Both in 48 bits: right across the wrap (8.9 years of uptime).
+        Duration::from_micros(((now_ns / 1_000).wrapping_sub(self.since_us)) & SINCE_MASK)
     }
 
     /// `"waiting 2.1 s on query insert_note (PostgreSQL 127.0.0.1:5432)"`;
@@ -242,6 +243,17 @@ mod tests {
             assert_eq!(RequestPhase::unpack(p.pack()), Some(p));
         }
         assert_eq!(RequestPhase::unpack(0), None);
+        // Across the 48-bit wrap of the µs clock (8.9 years of uptime).
+        let late = RequestPhase {
+            step: Step::WaitingPool,
+            query: None,
+            since_us: SINCE_MASK + 1 - 500_000,
+        };
+        let packed = RequestPhase::unpack(late.pack()).expect("phase");
+        assert_eq!(
+            packed.elapsed((SINCE_MASK + 1 + 1_500_000) * 1_000),
+            Duration::from_secs(2)
+        );
         let p = RequestPhase {
             step: Step::Query,
             query: Some(Query::InsertNote),

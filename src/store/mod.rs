@@ -18,6 +18,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 
 use crate::config::{Backend, DatabaseConfig};
+use crate::scoreboard::phase::{self, Query, Step};
 
 pub use migrate::{SchemaState, schema_state};
 pub use pool::{Conn, Pool, PoolOptions};
@@ -331,6 +332,8 @@ impl Store {
             Store::Postgres(_) => Ok(CommitToken::Pg(self.pg_snapshot().await?)),
             Store::Sqlite(lite) => {
                 use sqlx::Connection;
+                // (PostgreSQL's goes through the pool, which says so itself.)
+                phase::enter(Step::Query, Some(Query::CommitToken));
                 let mut watcher = lite.watcher.lock().await;
                 if watcher.conn.is_none() {
                     watcher.conn = Some(SqliteConnection::connect_with(&lite.options).await?);
@@ -343,6 +346,7 @@ impl Store {
                 let version: Result<i64, sqlx::Error> = sqlx::query_scalar("PRAGMA data_version")
                     .fetch_one(&mut *conn)
                     .await;
+                phase::enter(Step::Handling, None);
                 if version.is_err() {
                     // Reopened (a new epoch) on the next call.
                     watcher.conn = None;

@@ -68,9 +68,10 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-/// A request being served, as the scoreboard shows it. Nothing here is
-/// allocated per request: the method and URI share hyper's parsed request,
-/// the id is the client's header value or one generated into a small buffer.
+/// A request being served, as the scoreboard shows it. Only its phase cell
+/// is allocated per request: the method and URI share hyper's parsed
+/// request, the id is the client's header value or one generated into a
+/// small buffer.
 struct InFlightRequest {
     method: hyper::Method,
     uri: hyper::Uri,
@@ -87,45 +88,80 @@ struct InFlightRequest {
 /// it names (a newer request finishing must not hide an older one still running).
 /// Tokens only grow, so the queue stays in age order by appending; it keeps its
 /// capacity between requests.
-#[derive(Default)]
-struct InFlight(std::sync::Mutex<std::collections::VecDeque<(u64, InFlightRequest)>>);
+struct InFlight {
+    queue: std::sync::Mutex<std::collections::VecDeque<(u64, InFlightRequest)>>,
+    /// `http.slow_request_ms` and the database's name for the records (None: off).
+    slow: Option<(Duration, String)>,
+}
 
 impl InFlight {
+    fn new(config: &Config) -> InFlight {
+        InFlight {
+            queue: Default::default(),
+            slow: config.slow_request().map(|t| (t, config.database_peer())),
+        }
+    }
+
     fn publish(slot: &Slot, token: u64, r: &InFlightRequest) {
         let id = r.id.to_str().unwrap_or("");
         slot.begin_request(token, r.method.as_str(), r.uri.path(), id, r.started_ns);
         r.phase.make_front();
     }
 
-    /// Write one record for each request running longer than `threshold`
+    /// Write one record for each request running longer than the threshold
     /// that has none yet. The queue is in age order: only its slow head is read.
-    fn report_slow(&self, threshold: Duration, now_ns: u64, database: &str) {
-        let Ok(mut queue) = self.0.lock() else { return };
+    fn report_slow(&self, slot: &Slot, now_ns: u64) {
+        let Some((threshold, database)) = &self.slow else {
+            return;
+        };
+        let Ok(mut queue) = self.queue.lock() else {
+            return;
+        };
         let limit = threshold.as_nanos() as u64;
-        for (_, r) in queue.iter_mut() {
+        for (i, (token, r)) in queue.iter_mut().enumerate() {
             let elapsed = now_ns.saturating_sub(r.started_ns);
             if elapsed < limit {
                 break;
             }
-            if !std::mem::replace(&mut r.reported, true) {
-                slow_record(r, elapsed, now_ns, database);
+            if Self::claim(slot, i == 0, *token, r) {
+                slow_record(r, elapsed, now_ns, database, false);
             }
         }
     }
 
+    /// This request's record is ours to write (once): the oldest request's
+    /// is shared with the master, which writes it when this thread is stuck
+    /// (see `Slot::claim_report`).
+    fn claim(slot: &Slot, front: bool, token: u64, r: &mut InFlightRequest) -> bool {
+        !std::mem::replace(&mut r.reported, true) && (!front || slot.claim_report(token))
+    }
+
     fn begin(&self, slot: &Slot, token: u64, r: InFlightRequest) {
-        let Ok(mut queue) = self.0.lock() else { return };
+        let Ok(mut queue) = self.queue.lock() else {
+            return;
+        };
         if queue.is_empty() {
             Self::publish(slot, token, &r);
         }
         queue.push_back((token, r));
     }
 
+    /// The request ended. One that passed the threshold between two checks
+    /// gets its record now.
     fn end(&self, slot: &Slot, token: u64) {
-        let Ok(mut queue) = self.0.lock() else { return };
+        let Ok(mut queue) = self.queue.lock() else {
+            return;
+        };
         let Some(at) = queue.iter().position(|(t, _)| *t == token) else {
             return;
         };
+        if let (Some((threshold, database)), Some((_, r))) = (&self.slow, queue.get_mut(at)) {
+            let now_ns = clock::now_ns();
+            let elapsed = now_ns.saturating_sub(r.started_ns);
+            if elapsed >= threshold.as_nanos() as u64 && Self::claim(slot, at == 0, token, r) {
+                slow_record(r, elapsed, now_ns, database, true);
+            }
+        }
         queue.remove(at);
         if at == 0 {
             match queue.front() {
@@ -138,6 +174,7 @@ impl InFlight {
 
 impl Shared {
     pub(crate) fn new(config: Arc<Config>, store: Store, slot: Slot, channel: Channel) -> Shared {
+        let in_flight = InFlight::new(&config);
         let pid = std::process::id();
         let s = &config.server;
         let retire_at = if s.max_requests == 0 {
@@ -163,7 +200,7 @@ impl Shared {
             next_token: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             idle: Notify::new(),
-            in_flight: InFlight::default(),
+            in_flight,
         }
     }
 }
@@ -230,10 +267,9 @@ pub(crate) async fn run(shared: Arc<Shared>, acceptor: Arc<Acceptor>, life: Life
         .max_buf_size((shared.config.http.max_header_bytes as usize).max(8192) + 8192);
     let builder = Arc::new(builder);
     let accepting = tokio::spawn(serve_accepted(acceptor.clone(), shared.clone(), builder));
-    let slow = shared
-        .config
-        .slow_request()
-        .map(|t| tokio::spawn(watch_slow(shared.clone(), t)));
+    if let Some(threshold) = shared.config.slow_request() {
+        tokio::spawn(watch_slow(shared.clone(), threshold));
+    }
     let why = life.stopped().await;
     if empties_the_queues(why, shared.slot.board().flags()) {
         acceptor.close_when_empty();
@@ -245,8 +281,6 @@ pub(crate) async fn run(shared: Arc<Shared>, acceptor: Arc<Acceptor>, life: Life
     if why == Stop::Now {
         return why;
     }
-    // Draining requests are still watched; the task ends with the runtime.
-    drop(slow);
     // Every connection this worker took is served (with `Connection: close`).
     let _ = accepting.await;
     let grace = shared.config.graceful_timeout();
@@ -424,13 +458,19 @@ async fn route_within_timeout(shared: &Shared, req: Request<Incoming>) -> Respon
     }
 }
 
-/// The slow-request record of a request still running (`http.slow_request_ms`).
-fn slow_record(r: &InFlightRequest, elapsed_ns: u64, now_ns: u64, database: &str) {
+/// The slow-request record (`http.slow_request_ms`) of a request still
+/// running, or of one that `finished` past the threshold between two checks.
+fn slow_record(r: &InFlightRequest, elapsed_ns: u64, now_ns: u64, database: &str, finished: bool) {
     let phase = r.phase.get();
     let doing = phase.map_or_else(|| "not published".into(), |p| p.describe(now_ns, database));
     let ms = elapsed_ns / 1_000_000;
     let path = r.uri.path();
     let request_id = r.id.to_str().unwrap_or("");
+    let (state, last) = if finished {
+        ("answered after", "; last: ")
+    } else {
+        ("running", ": ")
+    };
     tracing::warn!(
         request_id,
         method = %r.method,
@@ -440,24 +480,21 @@ fn slow_record(r: &InFlightRequest, elapsed_ns: u64, now_ns: u64, database: &str
         phase = phase.map_or("unknown", |p| p.name()),
         query = phase.and_then(|p| p.query).map_or("", |q| q.name()),
         peer = database,
-        "slow request: {} {path} (request id {request_id}) running {ms} ms: {doing}",
+        "slow request: {} {path} (request id {request_id}) {state} {ms} ms{last}{doing}",
         r.method,
     );
 }
 
 /// Write the slow-request records while the worker serves (see
 /// [`InFlight::report_slow`]): checked often enough to be within a tenth
-/// of the threshold (at most every 250 ms).
+/// of the threshold (at most every 250 ms). Ends with the runtime.
 async fn watch_slow(shared: Arc<Shared>, threshold: Duration) {
     let every = (threshold / 10).clamp(Duration::from_millis(10), Duration::from_millis(250));
-    let database = shared.config.database_peer();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        shared
-            .in_flight
-            .report_slow(threshold, clock::now_ns(), &database);
+        shared.in_flight.report_slow(&shared.slot, clock::now_ns());
     }
 }
 

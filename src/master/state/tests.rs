@@ -1028,17 +1028,31 @@ fn a_limit_below_every_workers_need_recycles_one_at_a_time_and_never_dips() {
 }
 
 #[test]
-fn a_worker_that_grows_past_twice_the_limit_is_stopped_at_once() {
+fn a_worker_that_grows_past_twice_the_limit_retires_at_once_replacement_first() {
     let mut sim = memory_sim(2);
     let fat = sim.pids("ready")[0];
     sim.sample(|_| 20 * MIB);
     let a = sim.sample(|pid| if pid == fat { 130 * MIB } else { 20 * MIB });
-    assert_eq!(signals(&a, WorkerSig::Term), vec![fat], "{a:?}");
-    assert!(a.iter().any(|a| matches!(a, Action::Spawn { .. })));
-    assert_eq!(sim.logged("over twice the limit"), 1);
+    assert!(a.iter().any(|a| matches!(a, Action::Spawn { .. })), "{a:?}");
+    assert!(
+        signals(&a, WorkerSig::Term).is_empty(),
+        "replacement first: {a:?}"
+    );
+    assert_eq!(sim.pids("retiring"), vec![fat], "not waiting for 3 samples");
+    assert_eq!(sim.logged("over twice the limit: recycling it now"), 1);
+    let fresh = sim.pids("booting")[0];
+    let a = sim.run(Event::Message {
+        pid: fresh,
+        msg: ToMaster::Ready,
+    });
+    assert_eq!(signals(&a, WorkerSig::Term), vec![fat]);
     assert_eq!(sim.state.recycles.get(RecycleReason::Memory), 1);
     // The other one, growing too while the first drains, waits its turn.
-    let other = sim.pids("ready")[0];
+    let other = sim
+        .pids("ready")
+        .into_iter()
+        .find(|p| *p != fresh)
+        .expect("other");
     let a = sim.sample(|pid| {
         if pid == other || pid == fat {
             130 * MIB
@@ -1046,7 +1060,17 @@ fn a_worker_that_grows_past_twice_the_limit_is_stopped_at_once() {
             20 * MIB
         }
     });
-    assert!(signals(&a, WorkerSig::Term).is_empty(), "{a:?}");
+    assert!(
+        a.iter().all(|a| !matches!(a, Action::Spawn { .. })),
+        "{a:?}"
+    );
+    assert!(sim.pids("retiring").is_empty());
+    sim.exit(fat, 0);
+    let a = sim.sample(|pid| if pid == other { 130 * MIB } else { 20 * MIB });
+    assert!(
+        a.iter().any(|a| matches!(a, Action::Spawn { .. })),
+        "now its turn: {a:?}"
+    );
 }
 
 #[test]
