@@ -475,8 +475,8 @@ for p in "$replacement" "$original"; do
     # What the kernel said, as journal fields (the master reads its children's
     # /proc/PID/wchan and syscall under the unit's sandbox).
     fields=$(C journalctl -u notesd -o json --no-pager |
-        jq -r --arg m "worker $p timed out" 'select((.MESSAGE | tostring) | contains($m)) | "\(.WCHAN) \(.SYSCALL) \(.WORKER_PID)"' | tail -n 1)
-    read -r wchan syscall wpid <<<"$fields"
+        jq -r --arg m "worker $p timed out" 'select((.MESSAGE | tostring) | contains($m)) | "\(.WCHAN)|\(.SYSCALL)|\(.WORKER_PID)"' | tail -n 1)
+    IFS='|' read -r wchan syscall wpid <<<"$fields"
     [[ $wchan == do_signal_stop && $wpid == "$p" && -n $syscall && $syscall != null ]] ||
         fail "the timeout record of worker $p has WCHAN=$wchan SYSCALL=$syscall WORKER_PID=$wpid"
 done
