@@ -117,7 +117,7 @@ impl RequestPhase {
         RequestPhase {
             step,
             query,
-            since_us: clock::now_ns() / 1_000,
+            since_us: clock::coarse_now_ns() / 1_000,
         }
     }
 

@@ -156,7 +156,7 @@ impl InFlight {
             return;
         };
         if let (Some((threshold, database)), Some((_, r))) = (&self.slow, queue.get_mut(at)) {
-            let now_ns = clock::now_ns();
+            let now_ns = clock::coarse_now_ns();
             let elapsed = now_ns.saturating_sub(r.started_ns);
             if elapsed >= threshold.as_nanos() as u64 && Self::claim(slot, at == 0, token, r) {
                 slow_record(r, elapsed, now_ns, database, true);
