@@ -217,9 +217,14 @@ tokio::task_local! {
     static CURRENT: Arc<PhaseCell>;
 }
 
-/// Run `fut` (one request) with `cell` as its phase.
-pub(crate) async fn scope<F: std::future::Future>(cell: Arc<PhaseCell>, fut: F) -> F::Output {
-    CURRENT.scope(cell, fut).await
+/// `fut` (one request) with `cell` as its phase. Pass the request's future
+/// pinned in place (`std::pin::pin!`): a request's future is kilobytes, and
+/// wrapping it by value would copy it on every request.
+pub(crate) fn scope<F: std::future::Future>(
+    cell: Arc<PhaseCell>,
+    fut: F,
+) -> tokio::task::futures::TaskLocalFuture<Arc<PhaseCell>, F> {
+    CURRENT.scope(cell, fut)
 }
 
 /// The current request enters `step` (running `query`, for [`Step::Query`]).

@@ -411,7 +411,10 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let host = http::host::check(req.version(), req.headers());
     let bad_host = host.is_err();
     let mut resp = match host {
-        Ok(()) => phase::scope(phase, route_within_timeout(shared, req)).await,
+        Ok(()) => {
+            let route = std::pin::pin!(route_within_timeout(shared, req));
+            phase::scope(phase, route).await
+        }
         Err(e) => ApiError::BadRequest(e.to_string()).into_response(),
     };
     resp.headers_mut()
