@@ -116,6 +116,10 @@ pub struct HttpConfig {
     /// binaries from before the key still take the documents.
     #[serde(skip_serializing_if = "is_default_slow_request")]
     pub slow_request_ms: u64,
+    /// ms: a request that already waited longer in the queue (nginx's
+    /// `X-Request-Start` to now) is answered 503 "overloaded" at once (0 = off).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_queue_ms: u64,
 }
 
 /// `http.slow_request_ms` when left out.
@@ -133,6 +137,7 @@ impl Default for HttpConfig {
             max_header_bytes: 16_384,
             list_cache_ms: 250,
             slow_request_ms: DEFAULT_SLOW_REQUEST_MS,
+            max_queue_ms: 0,
         }
     }
 }
@@ -579,6 +584,7 @@ impl Config {
         p.range("http.request_timeout", h.request_timeout, 1, 86_400);
         p.range("http.max_header_bytes", h.max_header_bytes, 1_024, 1 << 20);
         p.range("http.list_cache_ms", h.list_cache_ms, 0, 60_000);
+        p.range("http.max_queue_ms", h.max_queue_ms, 0, 3_600_000);
         if h.slow_request_ms != 0 {
             // Below 100 ms nearly every request would get a record.
             p.range("http.slow_request_ms", h.slow_request_ms, 100, 86_400_000);
@@ -678,6 +684,11 @@ impl Config {
             },
             Err(_) => "PostgreSQL".into(),
         }
+    }
+
+    /// `http.max_queue_ms`, when shedding is on.
+    pub fn max_queue(&self) -> Option<Duration> {
+        (self.http.max_queue_ms > 0).then(|| Duration::from_millis(self.http.max_queue_ms))
     }
 
     /// The URL `notesd migrate` connects to: `database.migrate_url`, else `database.url`.

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{ALLOW, HeaderValue};
+use hyper::header::{ALLOW, HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
 use crate::domain::Invalid;
@@ -36,6 +36,11 @@ pub(crate) enum ApiError {
     StorageFull,
     #[error("the request took longer than {0} s")]
     Timeout(u64),
+    /// Shed before any work (`http.max_queue_ms`): it already waited too long.
+    #[error(
+        "overloaded: the request waited {waited_ms} ms in the queue (max_queue_ms = {max_ms}); retry"
+    )]
+    Overloaded { waited_ms: u64, max_ms: u64 },
     #[error("internal error")]
     Internal,
 }
@@ -51,7 +56,9 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable | ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::Timeout(_) | ApiError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -70,6 +77,7 @@ impl ApiError {
             ApiError::Unavailable => "unavailable",
             ApiError::StorageFull => "storage_full",
             ApiError::Timeout(_) => "timeout",
+            ApiError::Overloaded { .. } => "overloaded",
             ApiError::Internal => "internal",
         }
     }
@@ -82,6 +90,10 @@ impl ApiError {
         if let ApiError::MethodNotAllowed { allow } = self {
             resp.headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(allow));
+        }
+        if let ApiError::Overloaded { .. } = self {
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 
+use crate::scoreboard::ext::{self, CacheEvent};
 use crate::scoreboard::phase::{self, Query, Step};
 use crate::store::{CommitToken, Store, StoreError};
 
@@ -117,6 +118,7 @@ impl ListCache {
             return answer;
         }
         let started = Instant::now();
+        ext::cache(CacheEvent::Validation);
         let result = store.commit_token().await.map_err(Arc::new);
         phase::enter(Step::Handling, None);
         *last = Some(TokenQuery {

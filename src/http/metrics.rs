@@ -13,11 +13,14 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
 
 use crate::procfs;
+use crate::scoreboard::ext::{ErrorClass, ExtTotals};
 use crate::scoreboard::{BUCKETS, Route, Scoreboard, Totals};
 
 pub(crate) async fn render(board: &Scoreboard) -> Response<Full<Bytes>> {
     let mut text = format(&board.totals());
     format_recycles(&mut text, board.recycles());
+    format_saturation(&mut text, &board.ext_totals());
+    format_lifecycle(&mut text, board);
     // Off the event loop: `smaps_rollup` costs 0.15–0.6 ms a process, and a
     // scrape reads every worker's (the worker's other connections go on).
     let pids = live_processes(board);
@@ -25,6 +28,13 @@ pub(crate) async fn render(board: &Scoreboard) -> Response<Full<Bytes>> {
         .await
         .unwrap_or_default();
     format_processes(&mut text, &procs);
+    if let Some(master) = procs.iter().find(|p| p.slot.is_none()) {
+        let _ = writeln!(
+            text,
+            "# HELP notesd_master_start_time_seconds When the master started (Unix seconds; kept across upgrades in place).\n# TYPE notesd_master_start_time_seconds gauge\nnotesd_master_start_time_seconds {}",
+            master.usage.start_time_seconds
+        );
+    }
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     *resp.status_mut() = StatusCode::OK;
     resp.headers_mut().insert(
@@ -118,6 +128,147 @@ fn format_recycles(out: &mut String, counts: [u64; 4]) {
             reason.label(),
             counts[reason as usize]
         );
+    }
+}
+
+/// A histogram in Prometheus text: non-cumulative `buckets` (the last is
+/// +Inf) and the sum in µs.
+fn histogram(out: &mut String, name: &str, help: &str, buckets: &[u64], sum_us: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (b, n) in buckets.iter().enumerate() {
+        cumulative += n;
+        match BUCKETS.get(b) {
+            Some(le) => writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}"),
+            None => writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}"),
+        }
+        .ok();
+    }
+    let _ = writeln!(
+        out,
+        "{name}_sum {:.6}\n{name}_count {cumulative}",
+        sum_us as f64 / 1e6
+    );
+}
+
+/// One sample with its HELP and TYPE.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}
+
+/// Where requests wait and what is shed: queue time, busy workers, the
+/// pool, database errors by class, the list cache.
+fn format_saturation(out: &mut String, t: &ExtTotals) {
+    histogram(
+        out,
+        "notesd_http_request_queue_seconds",
+        "Time from nginx taking a request (X-Request-Start) to notesd handling it.",
+        &t.queue,
+        t.queue_sum_us,
+    );
+    single(
+        out,
+        "notesd_http_shed_total",
+        "counter",
+        "Requests answered 503 overloaded because they waited longer than http.max_queue_ms.",
+        t.shed,
+    );
+    single(
+        out,
+        "notesd_workers_busy",
+        "gauge",
+        "Workers with at least one request in flight.",
+        t.busy,
+    );
+    single(
+        out,
+        "notesd_db_pool_connections_in_use",
+        "gauge",
+        "Database connections handed out, all workers together.",
+        t.pool_in_use,
+    );
+    single(
+        out,
+        "notesd_db_pool_connections_open",
+        "gauge",
+        "Database connections open (in use + idle), all workers together.",
+        t.pool_open,
+    );
+    histogram(
+        out,
+        "notesd_db_pool_acquire_seconds",
+        "Time a request waited for a database connection from its worker's pool.",
+        &t.pool_wait,
+        t.pool_wait_sum_us,
+    );
+    single(
+        out,
+        "notesd_db_pool_acquire_timeouts_total",
+        "counter",
+        "Requests that got no database connection within the pool's acquire timeout (answered 503).",
+        t.pool_timeouts,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP notesd_db_errors_total Database errors, by SQLSTATE class (08 connection, 53 resources, 57 operator intervention, 40 rollback).\n# TYPE notesd_db_errors_total counter"
+    );
+    for class in ErrorClass::ALL {
+        let _ = writeln!(
+            out,
+            "notesd_db_errors_total{{class=\"{}\"}} {}",
+            class.label(),
+            t.db_errors[class as usize]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP notesd_list_cache_requests_total GET /api/notes answered from a page read before (hit) or by the query (miss), while the cache is on.\n# TYPE notesd_list_cache_requests_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "notesd_list_cache_requests_total{{result=\"hit\"}} {}",
+        t.cache_hits
+    );
+    let _ = writeln!(
+        out,
+        "notesd_list_cache_requests_total{{result=\"miss\"}} {}",
+        t.cache_misses
+    );
+    single(
+        out,
+        "notesd_list_cache_validations_total",
+        "counter",
+        "Commit-token queries run to validate cached pages (one may serve many requests).",
+        t.cache_validations,
+    );
+}
+
+/// Build, generation and reloads.
+fn format_lifecycle(out: &mut String, board: &Scoreboard) {
+    let _ = writeln!(
+        out,
+        "# HELP notesd_build_info The notesd version answering this scrape.\n# TYPE notesd_build_info gauge\nnotesd_build_info{{version=\"{}\"}} 1",
+        crate::VERSION
+    );
+    single(
+        out,
+        "notesd_generation",
+        "gauge",
+        "The newest generation of workers (each reload starts one).",
+        board.generation(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP notesd_reloads_total Reloads (HUP, notesd reload, upgrades), by outcome.\n# TYPE notesd_reloads_total counter"
+    );
+    for (result, n) in ["complete", "refused", "abandoned"]
+        .iter()
+        .zip(board.reloads())
+    {
+        let _ = writeln!(out, "notesd_reloads_total{{result=\"{result}\"}} {n}");
     }
 }
 

@@ -158,6 +158,33 @@ pub(crate) async fn route(
     }
 }
 
+/// How long a request waited before notesd began on it: now (the wall
+/// clock) minus nginx's `X-Request-Start: t=<epoch seconds>.<ms>` (the
+/// shipped site sets it; also read: whole ms or µs since the epoch). A
+/// missing or unparsable value, one in the future, or one more than an hour
+/// old (a clock jump, a replayed header) gives None: never an error.
+pub(crate) fn queue_time(
+    header: Option<&HeaderValue>,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
+    let text = header?.to_str().ok()?.trim();
+    let value = text.strip_prefix("t=").unwrap_or(text);
+    let since_epoch = if value.contains('.') {
+        let secs: f64 = value.parse().ok()?;
+        (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs))?
+    } else {
+        let n: u64 = value.parse().ok()?;
+        match value.len() {
+            16.. => Duration::from_micros(n),
+            13..=15 => Duration::from_millis(n),
+            _ => Duration::from_secs(n),
+        }
+    };
+    let started = std::time::UNIX_EPOCH.checked_add(since_epoch)?;
+    let waited = now.duration_since(started).ok()?;
+    (waited < Duration::from_secs(3600)).then_some(waited)
+}
+
 /// Memory a worker holds for the tests of memory recycling (`/debug/ballast`,
 /// and `NOTESD_DEBUG_BALLAST_MIB` at boot): written, so it is resident.
 static BALLAST: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
@@ -238,6 +265,31 @@ pub(crate) fn generated_request_id(pid: u32, token: u64) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_time_reads_nginx_msec_and_ignores_garbage() {
+        let now = std::time::UNIX_EPOCH + Duration::from_millis(1_796_546_558_500);
+        let q = |v: &str| queue_time(Some(&HeaderValue::from_str(v).expect("header")), now);
+        assert_eq!(q("t=1796546558.250"), Some(Duration::from_millis(250)));
+        assert_eq!(q("1796546558.000"), Some(Duration::from_millis(500)));
+        assert_eq!(q("t=1796546558400"), Some(Duration::from_millis(100)));
+        assert_eq!(q("t=1796546558450000"), Some(Duration::from_millis(50)));
+        assert_eq!(q("t=1796546559.000"), None, "the future");
+        assert_eq!(q("t=1000000000.000"), None, "years ago");
+        for bad in [
+            "",
+            "t=",
+            "t=abc",
+            "t=-5.0",
+            "t=1e9",
+            "t=NaN",
+            "t=..",
+            "t=99999999999999999999999",
+        ] {
+            assert_eq!(q(bad), None, "{bad:?}");
+        }
+        assert_eq!(queue_time(None, now), None);
+    }
 
     #[test]
     fn request_ids_are_echoed_only_when_sane() {

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::list_cache::Page;
 use super::{ApiError, AppState, Body, json};
 use crate::domain::{NewNote, Note, NotePatch};
+use crate::scoreboard::ext::{self, CacheEvent};
 use crate::scoreboard::phase::{self, Step};
 
 pub(crate) const DEFAULT_LIMIT: i64 = 50;
@@ -83,7 +84,11 @@ pub(crate) async fn list(
     if let (Some((page, read_with)), Some(now)) = (cached, &token)
         && read_with == *now
     {
+        ext::cache(CacheEvent::Hit);
         return Ok(page_response(page));
+    }
+    if token.is_some() {
+        ext::cache(CacheEvent::Miss);
     }
     let mut body = Vec::with_capacity(LIST_BYTES_PER_NOTE * q.limit as usize);
     body.push(b'[');

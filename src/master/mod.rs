@@ -865,6 +865,11 @@ impl Edge {
                 Action::Notify(Notify::Reloading) => systemd::reloading(),
                 Action::Notify(Notify::Stopping) => systemd::stopping(),
                 Action::ReloadDone { tickets, outcome } => {
+                    self.board.count_reload(match outcome {
+                        ReloadOutcome::Complete { .. } => 0,
+                        ReloadOutcome::Refused(_) => 1,
+                        ReloadOutcome::Abandoned(_) => 2,
+                    });
                     if let ReloadOutcome::Complete { generation, .. } = outcome {
                         self.apply_socket_options(generation);
                     }
@@ -882,6 +887,7 @@ impl Edge {
             }
         }
         self.board.set_recycles(state.recycles.0);
+        self.board.set_generation(state.generation());
     }
 
     fn spawn(&mut self, generation: u32, slot: u32, config: &Config) -> Result<i32, String> {

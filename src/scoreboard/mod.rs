@@ -26,7 +26,7 @@
 //! | 248 | requests in flight (u32) |
 //! | 252 | connections accepted by this worker (u32, wraps) |
 //! | 256 | metrics: request counters by route × status, latency histogram by route ([`metrics`]) |
-//! | 256 + metrics | extension (64 bytes): the oldest request's phase ([`phase`]; u64), the token whose slow-request record was written (u64) |
+//! | 256 + metrics | extension (512 bytes): the oldest request's phase ([`phase`]; u64), the token whose slow-request record was written (u64), then the saturation counters of [`ext`] (queue time, shed, list cache, pool) |
 //!
 //! The extension came after layout 2 first shipped, so the header's slot size
 //! tells whether a board has it: a board from an older master (met after an
@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
+pub(crate) mod ext;
 pub(crate) mod metrics;
 pub(crate) mod phase;
 
@@ -70,13 +71,18 @@ const OFF_H_RETIRED: usize = 64;
 /// totals (which end at 1984): an older master's board has them zeroed.
 const OFF_H_RECYCLES: usize = 1984;
 const N_RECYCLES: usize = 4;
+/// The serving generation (u64), then reloads by outcome (3 × u64:
+/// complete, refused, abandoned): written by the master, after the recycles.
+const OFF_H_GENERATION: usize = OFF_H_RECYCLES + N_RECYCLES * 8;
+const OFF_H_RELOADS: usize = OFF_H_GENERATION + 8;
+pub(crate) const N_RELOAD_OUTCOMES: usize = 3;
 const BASE_SLOT: usize = 256;
 const _: () = assert!(OFF_H_RETIRED + metrics::METRICS_BYTES <= OFF_H_RECYCLES);
-const _: () = assert!(OFF_H_RECYCLES + N_RECYCLES * 8 <= HEADER);
+const _: () = assert!(OFF_H_RELOADS + N_RELOAD_OUTCOMES * 8 <= HEADER);
 /// A slot as layout 2 first shipped it: no extension.
 const SLOT_SIZE_WITHOUT_EXT: usize = BASE_SLOT + metrics::METRICS_BYTES;
 const EXT: usize = SLOT_SIZE_WITHOUT_EXT;
-const EXT_BYTES: usize = 64;
+const EXT_BYTES: usize = 512;
 pub(crate) const SLOT_SIZE: usize = SLOT_SIZE_WITHOUT_EXT + EXT_BYTES;
 const OFF_X_PHASE: usize = EXT;
 /// The token of the request whose slow-request record was written (by the
@@ -276,9 +282,16 @@ impl Scoreboard {
         for i in (0..BASE_SLOT).step_by(8) {
             self.u64_at(o + i).store(0, Ordering::Relaxed);
         }
+        // The extension's counters carry on (as the request counters);
+        // what described the worker that left goes.
         if self.has_ext() {
-            for i in (EXT..EXT + EXT_BYTES).step_by(8) {
-                self.u64_at(o + i).store(0, Ordering::Relaxed);
+            for off in [
+                OFF_X_PHASE,
+                OFF_X_REPORTED,
+                ext::X_POOL_IN_USE,
+                ext::X_POOL_OPEN,
+            ] {
+                self.u64_at(o + off).store(0, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -345,6 +358,29 @@ impl Scoreboard {
     /// Workers recycled so far, by reason (see [`Self::set_recycles`]).
     pub fn recycles(&self) -> [u64; N_RECYCLES] {
         std::array::from_fn(|i| self.u64_at(OFF_H_RECYCLES + i * 8).load(Ordering::Relaxed))
+    }
+
+    /// Master: the generation that serves now.
+    pub fn set_generation(&self, generation: u32) {
+        self.u64_at(OFF_H_GENERATION)
+            .store(u64::from(generation), Ordering::Relaxed);
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.u64_at(OFF_H_GENERATION).load(Ordering::Relaxed)
+    }
+
+    /// Master: a reload ended with outcome `i` (complete, refused, abandoned).
+    /// Kept in the board, so a re-exec'd master counts on.
+    pub fn count_reload(&self, i: usize) {
+        if i < N_RELOAD_OUTCOMES {
+            self.u64_at(OFF_H_RELOADS + i * 8)
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn reloads(&self) -> [u64; N_RELOAD_OUTCOMES] {
+        std::array::from_fn(|i| self.u64_at(OFF_H_RELOADS + i * 8).load(Ordering::Relaxed))
     }
 
     pub fn restarts(&self) -> u64 {

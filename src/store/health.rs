@@ -83,6 +83,13 @@ pub(crate) fn observe(e: sqlx::Error) -> StoreError {
     if broken(&e) {
         broke();
     }
+    let code = match &e {
+        sqlx::Error::Database(db) => db.code(),
+        _ => None,
+    };
+    if !matches!(e, sqlx::Error::PoolTimedOut) {
+        crate::scoreboard::ext::db_error(code.as_deref());
+    }
     StoreError::Query(e)
 }
 

@@ -21,6 +21,7 @@ use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::health;
+use crate::scoreboard::ext;
 
 pub struct Pool<C: Connection> {
     inner: Arc<Inner<C>>,
@@ -36,6 +37,8 @@ struct Inner<C: Connection> {
     /// Ping idle and suspect connections before use (not for in-process SQLite).
     check: bool,
     closed: AtomicBool,
+    /// The permits' number (the semaphore does not say).
+    max: usize,
 }
 
 struct Idle<C> {
@@ -74,6 +77,13 @@ impl<C: Connection> Inner<C> {
         // A panic cannot leave the Vec half-changed: push and pop are atomic.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The gauges for `/metrics`: connections handed out, and open (handed
+    /// out + idle). A permit is held by each connection handed out.
+    fn publish(&self) {
+        let in_use = self.max.saturating_sub(self.permits.available_permits());
+        ext::pool_gauges(in_use, in_use + self.idle().len());
+    }
 }
 
 impl<C: Connection> Pool<C> {
@@ -89,6 +99,7 @@ impl<C: Connection> Pool<C> {
                 idle_timeout: o.idle_timeout,
                 check: o.check,
                 closed: AtomicBool::new(false),
+                max: o.max_connections.max(1) as usize,
             }),
         };
         let mut first = pool.acquire().await?;
@@ -100,20 +111,32 @@ impl<C: Connection> Pool<C> {
     /// A connection within `acquire_timeout`: an idle one (pinged first when
     /// idle or suspect), else a new one.
     pub async fn acquire(&self) -> Result<Conn<C>, sqlx::Error> {
-        match tokio::time::timeout(self.inner.acquire_timeout, self.acquire_inner(false)).await {
-            Ok(r) => r,
-            Err(_) => Err(sqlx::Error::PoolTimedOut),
-        }
+        self.acquire_within(false).await
     }
 
     /// Like [`acquire`](Self::acquire), but a connection idle for longer than
     /// [`health::WRITE_IDLE_PING`] is pinged before it is handed out (when the
     /// pool checks at all): for writes, which are never retried.
     pub async fn acquire_live(&self) -> Result<Conn<C>, sqlx::Error> {
-        match tokio::time::timeout(self.inner.acquire_timeout, self.acquire_inner(true)).await {
+        self.acquire_within(true).await
+    }
+
+    /// Either acquire, bounded by `acquire_timeout`, and counted for
+    /// `/metrics` (the wait, a timeout, the pool's gauges).
+    async fn acquire_within(&self, write: bool) -> Result<Conn<C>, sqlx::Error> {
+        let asked = Instant::now();
+        let r = match tokio::time::timeout(self.inner.acquire_timeout, self.acquire_inner(write))
+            .await
+        {
             Ok(r) => r,
-            Err(_) => Err(sqlx::Error::PoolTimedOut),
-        }
+            Err(_) => {
+                ext::pool_timed_out();
+                Err(sqlx::Error::PoolTimedOut)
+            }
+        };
+        ext::pool_waited(asked.elapsed());
+        self.inner.publish();
+        r
     }
 
     async fn acquire_inner(&self, write: bool) -> Result<Conn<C>, sqlx::Error> {
@@ -225,5 +248,11 @@ impl<C: Connection> Drop for Conn<C> {
         } else {
             close_quietly(conn);
         }
+        // The permit goes back after this body: count it out already.
+        let in_use = self
+            .pool
+            .max
+            .saturating_sub(self.pool.permits.available_permits() + 1);
+        ext::pool_gauges(in_use, in_use + self.pool.idle().len());
     }
 }

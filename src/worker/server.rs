@@ -29,6 +29,8 @@ use crate::config::Config;
 use crate::http::list_cache::ListCache;
 use crate::http::{self, ApiError, AppState, Body};
 use crate::ipc::ToMaster;
+use crate::scoreboard::Route;
+use crate::scoreboard::ext;
 use crate::scoreboard::phase::{self, PhaseCell};
 use crate::scoreboard::{Flags, Slot, WorkerPhase};
 use crate::store::Store;
@@ -175,6 +177,7 @@ impl InFlight {
 impl Shared {
     pub(crate) fn new(config: Arc<Config>, store: Store, slot: Slot, channel: Channel) -> Shared {
         let in_flight = InFlight::new(&config);
+        crate::scoreboard::ext::install(slot.clone());
         let pid = std::process::id();
         let s = &config.server;
         let retire_at = if s.max_requests == 0 {
@@ -410,12 +413,15 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     // A bad Host (RFC 9112 §3.2) is answered 400 and the connection closed.
     let host = http::host::check(req.version(), req.headers());
     let bad_host = host.is_err();
-    let mut resp = match host {
-        Ok(()) => {
+    let queued = queue_time(&req, route);
+    let shed = shed(shared, route, queued);
+    let mut resp = match (host, shed) {
+        (Err(e), _) => ApiError::BadRequest(e.to_string()).into_response(),
+        (Ok(()), Some(overloaded)) => overloaded.into_response(),
+        (Ok(()), None) => {
             let route = std::pin::pin!(route_within_timeout(shared, req));
             phase::scope(phase, route).await
         }
-        Err(e) => ApiError::BadRequest(e.to_string()).into_response(),
     };
     resp.headers_mut()
         .insert(X_REQUEST_ID.clone(), request_id.clone());
@@ -443,11 +449,43 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             status: resp.status().as_u16(),
             bytes: resp.body().size_hint().exact().unwrap_or(0),
             elapsed: started.elapsed(),
+            queued,
             pid,
             request_id: request_id.to_str().unwrap_or(""),
         });
     }
     resp
+}
+
+/// The request's time in the queue (nginx's `X-Request-Start`), counted
+/// for `/metrics`; None without a usable header.
+fn queue_time(req: &Request<Incoming>, route: Route) -> Option<Duration> {
+    static X_REQUEST_START: HeaderName = HeaderName::from_static("x-request-start");
+    let waited = http::queue_time(
+        req.headers().get(&X_REQUEST_START),
+        std::time::SystemTime::now(),
+    )?;
+    // The probes and scrapes are not the traffic whose queue matters.
+    if !matches!(route, Route::Healthz | Route::Readyz | Route::Metrics) {
+        ext::queue_time(waited);
+    }
+    Some(waited)
+}
+
+/// Load shedding (`http.max_queue_ms`): a request that already waited
+/// longer is answered 503 "overloaded" before any work. Never a probe
+/// (`/healthz`, `/readyz`) or a scrape (`/metrics`).
+fn shed(shared: &Shared, route: Route, queued: Option<Duration>) -> Option<ApiError> {
+    let max = shared.config.max_queue()?;
+    let waited = queued.filter(|q| *q > max)?;
+    if matches!(route, Route::Healthz | Route::Readyz | Route::Metrics) {
+        return None;
+    }
+    ext::shed();
+    Some(ApiError::Overloaded {
+        waited_ms: waited.as_millis() as u64,
+        max_ms: max.as_millis() as u64,
+    })
 }
 
 /// Route the request, answering 503 once `http.request_timeout` is up.
@@ -508,6 +546,8 @@ struct AccessLine<'a> {
     status: u16,
     bytes: u64,
     elapsed: Duration,
+    /// Time in the queue before notesd began (X-Request-Start), when known.
+    queued: Option<Duration>,
     pid: u32,
     request_id: &'a str,
 }
@@ -516,6 +556,7 @@ struct AccessLine<'a> {
 /// same facts as fields (for JSON logs and journal queries).
 fn log_access(a: &AccessLine<'_>) {
     let ms = a.elapsed.as_secs_f64() * 1000.0;
+    let queue_ms = a.queued.map(|q| q.as_secs_f64() * 1000.0);
     tracing::info!(
         target: crate::log::ACCESS_TARGET,
         method = %a.method,
@@ -523,6 +564,7 @@ fn log_access(a: &AccessLine<'_>) {
         status = a.status,
         bytes = a.bytes,
         duration_ms = format_args!("{ms:.3}"),
+        queue_ms = queue_ms.map(|q| format!("{q:.3}")),
         pid = a.pid,
         request_id = a.request_id,
         "{} {} {} {ms:.3}ms",
@@ -573,6 +615,7 @@ mod tests {
                 status: 201,
                 bytes: 9,
                 elapsed: Duration::from_micros(1500),
+                queued: Some(Duration::from_micros(250)),
                 pid: 42,
                 request_id: "rid-1",
             });

@@ -417,6 +417,7 @@ http {{
             proxy_set_header Connection "";
             proxy_set_header Host $host;
             proxy_set_header X-Request-Id $request_id;
+            proxy_set_header X-Request-Start "t=${{msec}}";
             proxy_connect_timeout 5s;
             proxy_send_timeout {read_timeout}s;
             proxy_read_timeout {read_timeout}s;

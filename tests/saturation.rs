@@ -1,0 +1,310 @@
+//! Saturation an operator can see and shed, black-box: queue time from
+//! nginx's `X-Request-Start`, load shedding on it (`http.max_queue_ms`), busy
+//! workers, the pool at its limit (a locked table), the list cache, reloads
+//! and the build on `/metrics`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::nginx::{Nginx, NginxOptions, TcpClient};
+use common::notes::*;
+use common::*;
+
+fn metrics(server: &TestServer) -> Metrics {
+    let resp = server.get("/metrics");
+    assert_eq!(resp.status, 200);
+    Metrics::parse(&resp.body)
+}
+
+/// What a client thread saw: (status, latency, code of a JSON error).
+type Seen = Vec<(u16, Duration, Option<String>)>;
+
+/// `clients` threads sending `path` through nginx back to back for `secs`.
+fn hammer(nginx: &Nginx, clients: usize, path: &'static str, secs: u64) -> Seen {
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = nginx.addr();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut seen = Seen::new();
+                let mut client = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let c = match client.take() {
+                        Some(c) => c,
+                        None => match TcpClient::connect(addr, Duration::from_secs(10)) {
+                            Ok(c) => c,
+                            Err(_) => continue,
+                        },
+                    };
+                    let mut c = c;
+                    let t0 = Instant::now();
+                    match c.request("GET", path, &[], None) {
+                        Ok(r) => {
+                            let code = serde_json::from_str::<serde_json::Value>(&r.body)
+                                .ok()
+                                .and_then(|v| v["error"]["code"].as_str().map(str::to_string));
+                            let retry = r.header("retry-after").map(str::to_string);
+                            if code.as_deref() == Some("overloaded") {
+                                assert_eq!(
+                                    retry.as_deref(),
+                                    Some("1"),
+                                    "Retry-After on a shed request"
+                                );
+                            }
+                            seen.push((r.status, t0.elapsed(), code));
+                            if !c.closed {
+                                client = Some(c);
+                            }
+                        }
+                        Err(e) => seen.push((0, t0.elapsed(), Some(e.to_string()))),
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_secs(secs));
+    stop.store(true, Ordering::Relaxed);
+    threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("client"))
+        .collect()
+}
+
+fn p99(mut d: Vec<Duration>) -> Duration {
+    d.sort();
+    d.get(d.len().saturating_sub(1) * 99 / 100)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// One worker whose every request holds its thread 10 ms (capacity ~100/s),
+/// 16 clients through nginx: requests queue. Without shedding the queue
+/// time histogram shows it; with `max_queue_ms = 100` what waited longer is
+/// answered 503 overloaded + Retry-After, counted, and the admitted ones
+/// stay fast.
+#[test]
+fn queue_time_is_measured_and_shed_past_max_queue_ms() {
+    if common::nginx::require_nginx().is_none() {
+        return;
+    }
+    for max_queue_ms in [0u64, 100] {
+        let server = TestServer::start(
+            &format!("shed_{max_queue_ms}"),
+            TestOptions {
+                workers: 1,
+                extra_toml: format!("[http]\nmax_queue_ms = {max_queue_ms}\n"),
+                ..TestOptions::default()
+            },
+        );
+        let Some(nginx) = Nginx::start("shed", server.socket_path(), NginxOptions::default())
+        else {
+            return;
+        };
+        let before = metrics(&server);
+        let seen = hammer(&nginx, 16, "/debug/block?ms=10", 4);
+        let after = metrics(&server);
+        let queued = after.get("notesd_http_request_queue_seconds_count")
+            - before.get("notesd_http_request_queue_seconds_count");
+        let queue_sum = after.get("notesd_http_request_queue_seconds_sum")
+            - before.get("notesd_http_request_queue_seconds_sum");
+        let shed = after.get("notesd_http_shed_total") - before.get("notesd_http_shed_total");
+        let ok: Vec<Duration> = seen.iter().filter(|s| s.0 == 200).map(|s| s.1).collect();
+        let overloaded = seen
+            .iter()
+            .filter(|s| s.2.as_deref() == Some("overloaded"))
+            .count();
+        let other: Vec<_> = seen
+            .iter()
+            .filter(|s| s.0 != 200 && s.2.as_deref() != Some("overloaded"))
+            .collect();
+        let shed_latency = p99(seen
+            .iter()
+            .filter(|s| s.2.as_deref() == Some("overloaded"))
+            .map(|s| s.1)
+            .collect());
+        eprintln!(
+            "SATURATION max_queue_ms={max_queue_ms}: {} answered, {} ok (p99 {:?}), {overloaded} shed (p99 {shed_latency:?}), {} other; queue histogram: {queued} requests, mean {:.0} ms; shed_total {shed}",
+            seen.len(),
+            ok.len(),
+            p99(ok.clone()),
+            other.len(),
+            if queued > 0.0 {
+                queue_sum / queued * 1000.0
+            } else {
+                0.0
+            }
+        );
+        assert!(
+            other.is_empty(),
+            "no other errors: {:?}",
+            &other[..other.len().min(5)]
+        );
+        assert!(
+            queued >= ok.len() as f64,
+            "every request's queue time counted"
+        );
+        if max_queue_ms == 0 {
+            assert_eq!(overloaded, 0);
+            assert_eq!(shed, 0.0);
+            assert!(
+                queue_sum / queued > 0.05,
+                "16 clients on ~100/s queue: mean {:.3} s",
+                queue_sum / queued
+            );
+        } else {
+            assert!(overloaded > 0, "some requests shed");
+            assert_eq!(
+                shed, overloaded as f64,
+                "shed_total counts each 503 overloaded"
+            );
+            assert!(
+                p99(ok) < Duration::from_millis(2 * 100 + 10 + 150),
+                "admitted p99 within ~2× the budget + service"
+            );
+            // Healthz and metrics are never shed.
+            let h = nginx.call("GET", "/healthz", &[], None);
+            assert_eq!(h.status, 200);
+        }
+    }
+}
+
+/// A locked table: POSTs hold every pool connection, the rest wait and
+/// time out; `/metrics` shows the pool at its limit and the timeouts.
+#[test]
+fn a_locked_table_shows_the_pool_at_its_limit_and_its_timeouts() {
+    let Some(server) = start(Backend::Postgres, "pool_wall", |o| {
+        o.workers = 1;
+        o.database_extra = "max_connections = 2".into();
+    }) else {
+        return;
+    };
+    let db = server.db.pg.as_ref().expect("PostgreSQL").name.clone();
+    let hold = "BEGIN; LOCK TABLE notes IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT;";
+    let mut locker = psql_command(&db, hold)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("psql holding the lock");
+    thread::sleep(Duration::from_millis(500));
+    let socket: PathBuf = server.socket_path().to_path_buf();
+    let posts: Vec<_> = (0..5)
+        .map(|_| {
+            let socket = socket.clone();
+            thread::spawn(move || {
+                Client::connect(&socket)
+                    .call(
+                        "POST",
+                        "/api/notes",
+                        &[("Content-Type", "application/json")],
+                        Some(br#"{"title":"waits"}"#),
+                    )
+                    .status
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(700));
+    let during = metrics(&server);
+    let statuses: Vec<u16> = posts.into_iter().map(|p| p.join().expect("POST")).collect();
+    let _ = locker.wait();
+    let after = metrics(&server);
+    eprintln!(
+        "POOL wall: in use {} open {} during the lock; statuses {statuses:?}; timeouts {}; acquire waits counted {}",
+        during.get("notesd_db_pool_connections_in_use"),
+        during.get("notesd_db_pool_connections_open"),
+        after.get("notesd_db_pool_acquire_timeouts_total"),
+        after.get("notesd_db_pool_acquire_seconds_count")
+    );
+    assert_eq!(during.get("notesd_db_pool_connections_in_use"), 2.0);
+    assert_eq!(during.get("notesd_db_pool_connections_open"), 2.0);
+    assert!(during.get("notesd_workers_busy") >= 1.0);
+    let timeouts = statuses.iter().filter(|s| **s == 503).count();
+    assert!(timeouts >= 1, "{statuses:?}");
+    assert_eq!(
+        after.get("notesd_db_pool_acquire_timeouts_total"),
+        timeouts as f64
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count() + timeouts,
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        after.get("notesd_db_pool_connections_in_use"),
+        0.0,
+        "all handed back"
+    );
+}
+
+/// The list cache's hits and misses, a reload's outcome and generation, the
+/// build; `promtool check metrics` accepts all of it.
+#[test]
+fn cache_reloads_and_build_are_on_metrics() {
+    let server = TestServer::start("lifecycle_metrics", TestOptions::default());
+    for _ in 0..5 {
+        assert_eq!(server.get("/api/notes").status, 200);
+    }
+    let m = metrics(&server);
+    let hits = m.get("notesd_list_cache_requests_total{result=\"hit\"}");
+    let misses = m.get("notesd_list_cache_requests_total{result=\"miss\"}");
+    assert_eq!(hits + misses, 5.0, "{m:?}");
+    assert!(misses >= 1.0 && m.get("notesd_list_cache_validations_total") >= 1.0);
+    assert_eq!(m.get("notesd_generation"), 1.0);
+    assert_eq!(
+        m.get(&format!(
+            "notesd_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
+    let out = server.run(&["reload"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let m = metrics(&server);
+    assert_eq!(m.get("notesd_reloads_total{result=\"complete\"}"), 1.0);
+    assert_eq!(m.get("notesd_generation"), 2.0);
+    assert!(m.get("notesd_master_start_time_seconds") > 1.7e9);
+    promtool_check(&server.get("/metrics").body);
+}
+
+/// `promtool check metrics` (Debian's prometheus package) accepts `text`.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    if std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        skip_unless_ci(
+            "promtool",
+            "promtool not found (apt-get install prometheus)",
+            "; .ci/run installs it",
+        );
+        return;
+    }
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
