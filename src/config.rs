@@ -686,6 +686,24 @@ impl Config {
         }
     }
 
+    /// What is valid but will not do what it says on this host (`notesd
+    /// check` prints them; they do not fail it).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if let Some(max) = somaxconn
+            && self.server.backlog > max
+        {
+            w.push(format!(
+                "server.backlog = {} exceeds net.core.somaxconn = {max}: the kernel caps each listen queue at {max} (raise it with sysctl -w net.core.somaxconn={})",
+                self.server.backlog, self.server.backlog
+            ));
+        }
+        w
+    }
+
     /// `http.max_queue_ms`, when shedding is on.
     pub fn max_queue(&self) -> Option<Duration> {
         (self.http.max_queue_ms > 0).then(|| Duration::from_millis(self.http.max_queue_ms))

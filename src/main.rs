@@ -77,6 +77,9 @@ fn check(c: ConfigArg) -> i32 {
                 cfg.worker_count(),
                 store::redact(&cfg.database.url)
             );
+            for warning in cfg.warnings() {
+                eprintln!("notesd: warning: {warning}");
+            }
             exit::OK
         }
         Err(e) => {
@@ -433,6 +436,12 @@ fn status_summary(st: &notesd::master::control::Status) -> String {
     );
     if let Some(limit) = st.max_worker_memory {
         line.push_str(&format!("max_worker_memory {} (PSS)\n", mib(limit)));
+    }
+    for l in &st.listeners {
+        line.push_str(&format!(
+            "listen queue {}: {} of {}\n",
+            l.bind, l.queued, l.backlog
+        ));
     }
     line
 }

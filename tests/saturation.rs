@@ -308,3 +308,62 @@ fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `ss -xlnH` Recv-Q and Send-Q of the unix listener at `path`.
+fn ss_unix(path: &std::path::Path) -> Option<(u32, u32)> {
+    let out = std::process::Command::new("ss")
+        .args(["-xlnH"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| {
+        l.split_whitespace()
+            .any(|f| f == path.to_str().unwrap_or(""))
+    })?;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))
+}
+
+/// Connections no worker takes (it is stopped) wait in the listen queue:
+/// `notesd status` and `/metrics` show the number `ss` shows, and the backlog.
+#[test]
+fn the_listen_queue_matches_ss() {
+    let server = TestServer::start(
+        "listen_queue",
+        TestOptions {
+            workers: 1,
+            ..TestOptions::default()
+        },
+    );
+    let worker = server.worker_pids()[0];
+    send_signal(worker, nix::sys::signal::Signal::SIGSTOP);
+    let waiting: Vec<_> = (0..5)
+        .map(|_| std::os::unix::net::UnixStream::connect(server.socket_path()).expect("connect"))
+        .collect();
+    thread::sleep(Duration::from_millis(600));
+    let status = server.status();
+    let ss = ss_unix(server.socket_path());
+    let unix = format!("unix:{}", server.socket_path().display());
+    let listed = status["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["bind"] == unix.as_str()).cloned());
+    send_signal(worker, nix::sys::signal::Signal::SIGCONT);
+    eprintln!("LISTEN queue: status {listed:?}, ss {ss:?}");
+    let listed = listed.expect("the unix listener in notesd status");
+    let (ss_queued, ss_backlog) = ss.expect("ss -xl shows the socket");
+    assert_eq!(listed["queued"], 5);
+    assert_eq!(listed["queued"].as_u64(), Some(u64::from(ss_queued)));
+    assert_eq!(listed["backlog"].as_u64(), Some(u64::from(ss_backlog)));
+    drop(waiting);
+    let series = format!("notesd_listen_queue{{listener=\"{unix}\"}}");
+    assert!(
+        poll_until(Duration::from_secs(3), || metrics(&server)
+            .samples
+            .get(&series)
+            == Some(&0.0)),
+        "{series} back to 0 once the worker accepts: {}",
+        server.get("/metrics").body
+    );
+    let max = metrics(&server).get(&format!("notesd_listen_queue_max{{listener=\"{unix}\"}}"));
+    assert_eq!(max, f64::from(ss_backlog));
+}

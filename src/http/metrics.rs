@@ -21,6 +21,7 @@ pub(crate) async fn render(board: &Scoreboard) -> Response<Full<Bytes>> {
     format_recycles(&mut text, board.recycles());
     format_saturation(&mut text, &board.ext_totals());
     format_lifecycle(&mut text, board);
+    format_listen_queues(&mut text, &board.listeners());
     // Off the event loop: `smaps_rollup` costs 0.15–0.6 ms a process, and a
     // scrape reads every worker's (the worker's other connections go on).
     let pids = live_processes(board);
@@ -244,6 +245,40 @@ fn format_saturation(out: &mut String, t: &ExtTotals) {
         "Commit-token queries run to validate cached pages (one may serve many requests).",
         t.cache_validations,
     );
+}
+
+/// Each listener's accept queue and backlog, as the master last read them
+/// from the kernel (within a tick, ≤ 250 ms).
+fn format_listen_queues(out: &mut String, listeners: &[(String, u32, u32)]) {
+    let _ = writeln!(
+        out,
+        "# HELP notesd_listen_queue Connections waiting in a listening socket's accept queue (ss Recv-Q).\n# TYPE notesd_listen_queue gauge"
+    );
+    for (name, queued, _) in listeners {
+        let _ = writeln!(
+            out,
+            "notesd_listen_queue{{listener=\"{}\"}} {queued}",
+            label_value(name)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP notesd_listen_queue_max The listening socket's backlog: beyond it the kernel refuses or drops connections (ss Send-Q).\n# TYPE notesd_listen_queue_max gauge"
+    );
+    for (name, _, backlog) in listeners {
+        let _ = writeln!(
+            out,
+            "notesd_listen_queue_max{{listener=\"{}\"}} {backlog}",
+            label_value(name)
+        );
+    }
+}
+
+/// A label value escaped for the text format.
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Build, generation and reloads.

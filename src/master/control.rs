@@ -70,7 +70,18 @@ pub struct Status {
     /// The master's own CPU, memory and fds (absent from an older master's answer).
     #[serde(default)]
     pub master: Option<Resources>,
+    /// Each listener's accept queue and backlog, as last sampled (≤ one tick old).
+    #[serde(default)]
+    pub listeners: Vec<ListenerStatus>,
     pub workers: Vec<WorkerStatus>,
+}
+
+/// A listening socket's queue: connections not yet accepted by any worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub bind: String,
+    pub queued: u32,
+    pub backlog: u32,
 }
 
 /// One process's resources, read from `/proc` when the status was asked for.
@@ -694,6 +705,15 @@ pub fn status(
             .map(|r| (r.label().to_string(), state.recycles.get(*r)))
             .collect(),
         master: cache.get(master, now),
+        listeners: board
+            .listeners()
+            .into_iter()
+            .map(|(bind, queued, backlog)| ListenerStatus {
+                bind,
+                queued,
+                backlog,
+            })
+            .collect(),
         workers,
     }
 }

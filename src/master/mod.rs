@@ -5,6 +5,7 @@
 //! the OS lives in this file (and `spawn`, `events`, `control`); every decision
 //! lives in [`state`].
 
+pub(crate) mod backlog;
 pub mod control;
 pub(crate) mod events;
 pub mod handover;
@@ -140,6 +141,10 @@ struct Edge {
     last_status: String,
     /// When the workers' memory was last sampled (`max_worker_memory`).
     last_memory_sample: Duration,
+    /// The netlink socket the listen queues of unix sockets are read on.
+    diag: backlog::Diag,
+    /// A listen queue could not be read: said once, not every tick.
+    backlog_warned: bool,
 }
 
 /// Run the master until it exits; returns the process exit code.
@@ -402,6 +407,8 @@ impl Edge {
             notify: std::env::var_os("NOTIFY_SOCKET").is_some(),
             last_status: String::new(),
             last_memory_sample: Duration::ZERO,
+            diag: backlog::Diag::default(),
+            backlog_warned: false,
         })
     }
 
@@ -471,8 +478,33 @@ impl Edge {
             .collect();
         self.execute(state, Event::Tick { heartbeats });
         self.sample_memory(state);
+        self.sample_listen_queues();
         self.report_stuck_slow(state);
         self.report_status(state);
+    }
+
+    /// Every tick: each listener's queue and backlog, for `/metrics`.
+    fn sample_listen_queues(&mut self) {
+        let mut depths = Vec::new();
+        for l in self.owned.sockets.all() {
+            let depth = if l.is_unix() {
+                self.diag.unix(l.fd.as_fd())
+            } else {
+                backlog::tcp(l.fd.as_fd())
+            };
+            match depth {
+                Ok(d) => depths.push((l.bind.to_string(), d.queued, d.backlog)),
+                Err(e) if !self.backlog_warned => {
+                    self.backlog_warned = true;
+                    tracing::warn!(
+                        "cannot read the listen queue of {}: {e} (notesd_listen_queue will lack it; said once)",
+                        l.bind
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+        self.board.set_listeners(&depths);
     }
 
     /// Every second while a generation has `max_worker_memory`: the memory

@@ -85,6 +85,12 @@ const EXT: usize = SLOT_SIZE_WITHOUT_EXT;
 const EXT_BYTES: usize = 512;
 pub(crate) const SLOT_SIZE: usize = SLOT_SIZE_WITHOUT_EXT + EXT_BYTES;
 const OFF_X_PHASE: usize = EXT;
+/// After the slots: the listen queues the master samples, one entry per
+/// listener (queued u32, backlog u32, valid u64, name), read by `/metrics`.
+/// Older binaries never look past the slots.
+const MAX_LISTENERS: usize = 8;
+const LISTENER_BYTES: usize = 128;
+const TAIL_BYTES: usize = MAX_LISTENERS * LISTENER_BYTES;
 /// The token of the request whose slow-request record was written (by the
 /// worker or, for a stuck worker, the master): one record per request.
 const OFF_X_REPORTED: usize = EXT + 8;
@@ -179,7 +185,7 @@ impl Scoreboard {
             nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
         )
         .map_err(ScoreboardError::Create)?;
-        let len = HEADER + slots as usize * SLOT_SIZE;
+        let len = HEADER + slots as usize * SLOT_SIZE + TAIL_BYTES;
         nix::unistd::ftruncate(&fd, len as i64).map_err(ScoreboardError::Size)?;
         let mut board = Self::map(fd, len, slots)?;
         board.slot_size = SLOT_SIZE;
@@ -310,6 +316,48 @@ impl Scoreboard {
             Ok(_) => true,
             Err(_) => false,
         }
+    }
+
+    /// The listen queues (see [`Self::set_listeners`]); none on an older
+    /// master's board.
+    fn tail(&self) -> Option<usize> {
+        let at = HEADER + self.slots as usize * self.slot_size;
+        (at + TAIL_BYTES <= self.len).then_some(at)
+    }
+
+    /// Master: each listener's name (its bind) and queue, in the board's tail.
+    pub(crate) fn set_listeners(&self, listeners: &[(String, u32, u32)]) {
+        let Some(tail) = self.tail() else { return };
+        for i in 0..MAX_LISTENERS {
+            let e = tail + i * LISTENER_BYTES;
+            match listeners.get(i) {
+                Some((name, queued, backlog)) => {
+                    self.write_str(e + 16, LISTENER_BYTES - 16, name);
+                    self.u32_at(e).store(*queued, Ordering::Relaxed);
+                    self.u32_at(e + 4).store(*backlog, Ordering::Relaxed);
+                    self.u64_at(e + 8).store(1, Ordering::Release);
+                }
+                None => self.u64_at(e + 8).store(0, Ordering::Release),
+            }
+        }
+    }
+
+    /// (name, queued, backlog) of each listener the master published.
+    pub(crate) fn listeners(&self) -> Vec<(String, u32, u32)> {
+        let Some(tail) = self.tail() else {
+            return Vec::new();
+        };
+        (0..MAX_LISTENERS)
+            .map(|i| tail + i * LISTENER_BYTES)
+            .filter(|e| self.u64_at(e + 8).load(Ordering::Acquire) == 1)
+            .map(|e| {
+                (
+                    self.read_str(e + 16, LISTENER_BYTES - 16),
+                    self.u32_at(e).load(Ordering::Relaxed),
+                    self.u32_at(e + 4).load(Ordering::Relaxed),
+                )
+            })
+            .collect()
     }
 
     /// The slots have the extension (see the module doc).
