@@ -290,6 +290,13 @@ fn format_lifecycle(out: &mut String, board: &Scoreboard) {
     );
     single(
         out,
+        "notesd_worker_timeouts_total",
+        "counter",
+        "Workers killed for missing their heartbeat (server.timeout); also counted in notesd_worker_restarts_total.",
+        board.timeout_kills(),
+    );
+    single(
+        out,
         "notesd_generation",
         "gauge",
         "The newest generation of workers (each reload starts one).",

@@ -920,6 +920,7 @@ impl Edge {
         }
         self.board.set_recycles(state.recycles.0);
         self.board.set_generation(state.generation());
+        self.board.set_timeout_kills(state.timeout_kills);
     }
 
     fn spawn(&mut self, generation: u32, slot: u32, config: &Config) -> Result<i32, String> {

@@ -348,6 +348,8 @@ pub struct State {
     started_at: Duration,
     /// Workers that died without being asked to (crash, kill, timeout).
     pub restarts: u64,
+    /// Of those, the ones killed for missing their heartbeat.
+    pub timeout_kills: u64,
     /// Workers stopped on purpose, by reason.
     pub recycles: Recycles,
     pub boot_failures: u64,
@@ -372,6 +374,8 @@ pub struct Snapshot {
     pub boot_failures: u64,
     #[serde(default)]
     pub recycles: Recycles,
+    #[serde(default)]
+    pub timeout_kills: u64,
 }
 
 impl State {
@@ -409,6 +413,7 @@ impl State {
             restarts: self.restarts,
             boot_failures: self.boot_failures,
             recycles: self.recycles,
+            timeout_kills: self.timeout_kills,
         })
     }
 
@@ -456,6 +461,7 @@ impl State {
             started_at: snapshot.started_at,
             restarts: snapshot.restarts,
             recycles: snapshot.recycles,
+            timeout_kills: snapshot.timeout_kills,
             boot_failures: snapshot.boot_failures,
         })
     }
@@ -487,6 +493,7 @@ impl State {
             started_at: now,
             restarts: 0,
             recycles: Recycles::default(),
+            timeout_kills: 0,
             boot_failures: 0,
         }
     }
@@ -1165,6 +1172,7 @@ impl State {
             // its exit (as `Killing`) is not.
             if !matches!(self.phase, Phase::Stopping { .. }) {
                 self.restarts += 1;
+                self.timeout_kills += 1;
             }
             out.push(Action::TimeoutKill {
                 pid,

@@ -90,7 +90,9 @@ const OFF_X_PHASE: usize = EXT;
 /// Older binaries never look past the slots.
 const MAX_LISTENERS: usize = 8;
 const LISTENER_BYTES: usize = 128;
-const TAIL_BYTES: usize = MAX_LISTENERS * LISTENER_BYTES;
+/// Before the listeners: the master's own counters (timeout kills, u64).
+const TAIL_MASTER: usize = 64;
+const TAIL_BYTES: usize = TAIL_MASTER + MAX_LISTENERS * LISTENER_BYTES;
 /// The token of the request whose slow-request record was written (by the
 /// worker or, for a stuck worker, the master): one record per request.
 const OFF_X_REPORTED: usize = EXT + 8;
@@ -325,11 +327,24 @@ impl Scoreboard {
         (at + TAIL_BYTES <= self.len).then_some(at)
     }
 
+    /// Master: workers killed for missing their heartbeat (`timeout`).
+    pub(crate) fn set_timeout_kills(&self, n: u64) {
+        if let Some(tail) = self.tail() {
+            self.u64_at(tail).store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Timeout kills so far (0 on an older master's board).
+    pub(crate) fn timeout_kills(&self) -> u64 {
+        self.tail()
+            .map_or(0, |tail| self.u64_at(tail).load(Ordering::Relaxed))
+    }
+
     /// Master: each listener's name (its bind) and queue, in the board's tail.
     pub(crate) fn set_listeners(&self, listeners: &[(String, u32, u32)]) {
         let Some(tail) = self.tail() else { return };
         for i in 0..MAX_LISTENERS {
-            let e = tail + i * LISTENER_BYTES;
+            let e = tail + TAIL_MASTER + i * LISTENER_BYTES;
             match listeners.get(i) {
                 Some((name, queued, backlog)) => {
                     self.write_str(e + 16, LISTENER_BYTES - 16, name);
@@ -348,7 +363,7 @@ impl Scoreboard {
             return Vec::new();
         };
         (0..MAX_LISTENERS)
-            .map(|i| tail + i * LISTENER_BYTES)
+            .map(|i| tail + TAIL_MASTER + i * LISTENER_BYTES)
             .filter(|e| self.u64_at(e + 8).load(Ordering::Acquire) == 1)
             .map(|e| {
                 (
