@@ -251,6 +251,16 @@ fn cache_reloads_and_build_are_on_metrics() {
         assert_eq!(server.get("/api/notes").status, 200);
     }
     let m = metrics(&server);
+    assert_eq!(
+        m.get("notesd_workers_busy"),
+        0.0,
+        "the scrape itself is no work"
+    );
+    assert_eq!(
+        m.get("notesd_http_request_queue_unknown_total"),
+        5.0,
+        "no X-Request-Start without nginx"
+    );
     let hits = m.get("notesd_list_cache_requests_total{result=\"hit\"}");
     let misses = m.get("notesd_list_cache_requests_total{result=\"miss\"}");
     assert_eq!(hits + misses, 5.0, "{m:?}");

@@ -14,12 +14,18 @@ use hyper::{Response, StatusCode};
 
 use crate::procfs;
 use crate::scoreboard::ext::{ErrorClass, ExtTotals};
-use crate::scoreboard::{BUCKETS, Route, Scoreboard, Totals};
+use crate::scoreboard::{BUCKETS, Route, Scoreboard, Slot, Totals};
 
-pub(crate) async fn render(board: &Scoreboard) -> Response<Full<Bytes>> {
+pub(crate) async fn render(slot: &Slot) -> Response<Full<Bytes>> {
+    let board = slot.board();
     let mut text = format(&board.totals());
     format_recycles(&mut text, board.recycles());
-    format_saturation(&mut text, &board.ext_totals());
+    let mut saturation = board.ext_totals();
+    // This scrape is in flight on this worker: busy only if something else is.
+    if slot.in_flight() <= 1 {
+        saturation.busy = saturation.busy.saturating_sub(1);
+    }
+    format_saturation(&mut text, &saturation);
     format_lifecycle(&mut text, board);
     format_listen_queues(&mut text, &board.listeners());
     // Off the event loop: `smaps_rollup` costs 0.15–0.6 ms a process, and a
@@ -172,6 +178,13 @@ fn format_saturation(out: &mut String, t: &ExtTotals) {
     );
     single(
         out,
+        "notesd_http_request_queue_unknown_total",
+        "counter",
+        "Requests without a usable X-Request-Start (not sent through the shipped nginx site, or this host's clock behind nginx's): their queue time is not measured, and they are never shed.",
+        t.queue_unknown,
+    );
+    single(
+        out,
         "notesd_http_shed_total",
         "counter",
         "Requests answered 503 overloaded because they waited longer than http.max_queue_ms.",
@@ -214,7 +227,7 @@ fn format_saturation(out: &mut String, t: &ExtTotals) {
     );
     let _ = writeln!(
         out,
-        "# HELP notesd_db_errors_total Database errors, by SQLSTATE class (08 connection, 53 resources, 57 operator intervention, 40 rollback).\n# TYPE notesd_db_errors_total counter"
+        "# HELP notesd_db_errors_total Database errors, by class: connection (I/O, SQLSTATE 08, 57P01-57P03), resources (53), canceled (57014), rollback (40), other.\n# TYPE notesd_db_errors_total counter"
     );
     for class in ErrorClass::ALL {
         let _ = writeln!(
@@ -288,13 +301,15 @@ fn format_lifecycle(out: &mut String, board: &Scoreboard) {
         "# HELP notesd_build_info The notesd version answering this scrape.\n# TYPE notesd_build_info gauge\nnotesd_build_info{{version=\"{}\"}} 1",
         crate::VERSION
     );
-    single(
-        out,
-        "notesd_worker_timeouts_total",
-        "counter",
-        "Workers killed for missing their heartbeat (server.timeout); also counted in notesd_worker_restarts_total.",
-        board.timeout_kills(),
-    );
+    if let Some(kills) = board.timeout_kills() {
+        single(
+            out,
+            "notesd_worker_timeouts_total",
+            "counter",
+            "Workers killed for missing their heartbeat (server.timeout); also counted in notesd_worker_restarts_total.",
+            kills,
+        );
+    }
     single(
         out,
         "notesd_generation",

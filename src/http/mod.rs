@@ -116,7 +116,7 @@ pub(crate) async fn route(
             Bytes::from_static(br#"{"ok":true}"#),
         )),
         (&Method::GET | &Method::HEAD, "/readyz") => Ok(readyz(app).await),
-        (&Method::GET | &Method::HEAD, "/metrics") => Ok(metrics::render(app.slot.board()).await),
+        (&Method::GET | &Method::HEAD, "/metrics") => Ok(metrics::render(&app.slot).await),
         (_, "/" | "/healthz" | "/readyz" | "/metrics") => {
             Err(ApiError::MethodNotAllowed { allow: ALLOW_READ })
         }
@@ -171,7 +171,7 @@ pub(crate) fn queue_time(
     let value = text.strip_prefix("t=").unwrap_or(text);
     let since_epoch = if value.contains('.') {
         let secs: f64 = value.parse().ok()?;
-        (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs))?
+        Duration::try_from_secs_f64(secs).ok()?
     } else {
         let n: u64 = value.parse().ok()?;
         match value.len() {
@@ -285,6 +285,10 @@ mod tests {
             "t=NaN",
             "t=..",
             "t=99999999999999999999999",
+            "t=100000000000000000000.0",
+            "t=1.0e20",
+            "t=inf",
+            "t=0.0",
         ] {
             assert_eq!(q(bad), None, "{bad:?}");
         }

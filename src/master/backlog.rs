@@ -187,6 +187,13 @@ fn parse_answer(b: &[u8], ino: u64) -> Result<Depth, BacklogError> {
             BacklogError::Netlink(std::io::Error::from_raw_os_error(errno))
         });
     }
+    if kind != SOCK_DIAG_BY_FAMILY {
+        return Err(BacklogError::Answer("not a sock_diag answer"));
+    }
+    // unix_diag_msg: family, type, state, pad (1 byte each), then the inode.
+    if u32_at(b, 20) != Some(ino as u32) || b.get(18) != Some(&(TCP_LISTEN as u8)) {
+        return Err(BacklogError::Answer("the answer is about another socket"));
+    }
     let len = (u32_at(b, 0).ok_or(BacklogError::Answer("short answer"))? as usize).min(b.len());
     let mut off = 32;
     while off + 4 <= len {
@@ -248,6 +255,19 @@ mod tests {
     fn answers_that_are_short_or_errors_are_errors_not_panics() {
         assert!(parse_answer(&[], 1).is_err());
         assert!(parse_answer(&[0; 40], 1).is_err());
+        // Another socket's answer (inode 8, asked for 7) is refused.
+        let mut other = vec![0u8; 44];
+        other[0..4].copy_from_slice(&44u32.to_ne_bytes());
+        other[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        other[18] = TCP_LISTEN as u8;
+        other[20..24].copy_from_slice(&8u32.to_ne_bytes());
+        other[32..34].copy_from_slice(&12u16.to_ne_bytes());
+        other[34..36].copy_from_slice(&UNIX_DIAG_RQLEN.to_ne_bytes());
+        assert!(matches!(
+            parse_answer(&other, 7),
+            Err(BacklogError::Answer(_))
+        ));
+        assert_eq!(parse_answer(&other, 8).ok().map(|d| d.queued), Some(0));
         let mut err = vec![0u8; 36];
         err[0..4].copy_from_slice(&36u32.to_ne_bytes());
         err[4..6].copy_from_slice(&(libc::NLMSG_ERROR as u16).to_ne_bytes());

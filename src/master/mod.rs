@@ -145,6 +145,9 @@ struct Edge {
     diag: backlog::Diag,
     /// A listen queue could not be read: said once, not every tick.
     backlog_warned: bool,
+    /// After a failed read of a unix socket's queue, the next try (a unit
+    /// without AF_NETLINK would otherwise cost a failed socket() per tick).
+    diag_retry_at: Duration,
 }
 
 /// Run the master until it exits; returns the process exit code.
@@ -409,6 +412,7 @@ impl Edge {
             last_memory_sample: Duration::ZERO,
             diag: backlog::Diag::default(),
             backlog_warned: false,
+            diag_retry_at: Duration::ZERO,
         })
     }
 
@@ -485,23 +489,28 @@ impl Edge {
 
     /// Every tick: each listener's queue and backlog, for `/metrics`.
     fn sample_listen_queues(&mut self) {
+        let now = clock::now();
         let mut depths = Vec::new();
         for l in self.owned.sockets.all() {
-            let depth = if l.is_unix() {
-                self.diag.unix(l.fd.as_fd())
-            } else {
-                backlog::tcp(l.fd.as_fd())
+            let depth = match l.is_unix() {
+                true if now < self.diag_retry_at => continue,
+                true => self.diag.unix(l.fd.as_fd()),
+                false => backlog::tcp(l.fd.as_fd()),
             };
             match depth {
                 Ok(d) => depths.push((l.bind.to_string(), d.queued, d.backlog)),
-                Err(e) if !self.backlog_warned => {
-                    self.backlog_warned = true;
-                    tracing::warn!(
-                        "cannot read the listen queue of {}: {e} (notesd_listen_queue will lack it; said once)",
-                        l.bind
-                    );
+                Err(e) => {
+                    if l.is_unix() {
+                        self.diag_retry_at = now + DIAG_RETRY;
+                    }
+                    if !std::mem::replace(&mut self.backlog_warned, true) {
+                        tracing::warn!(
+                            "cannot read the listen queue of {}: {e} (notesd_listen_queue lacks it; retried every {} s, said once)",
+                            l.bind,
+                            DIAG_RETRY.as_secs()
+                        );
+                    }
                 }
-                Err(_) => {}
             }
         }
         self.board.set_listeners(&depths);
@@ -1013,6 +1022,9 @@ impl Edge {
         }
     }
 }
+
+/// How long a failed `sock_diag` read waits before the next try.
+const DIAG_RETRY: Duration = Duration::from_secs(60);
 
 /// Slack on top of two heartbeat intervals before a late heartbeat means
 /// the worker's thread is stuck (not merely busy for a moment).

@@ -29,10 +29,13 @@ pub(super) const X_POOL_OPEN: usize = X_POOL_IN_USE + 8;
 const X_POOL_WAIT: usize = X_POOL_OPEN + 8;
 const X_POOL_WAIT_SUM: usize = X_POOL_WAIT + N_BUCKETS * 8;
 const X_POOL_TIMEOUTS: usize = X_POOL_WAIT_SUM + 8;
-/// Database errors by SQLSTATE class ([`ErrorClass`]).
+/// Database errors by class ([`ErrorClass`]).
 const X_DB_ERRORS: usize = X_POOL_TIMEOUTS + 8;
 const N_CLASSES: usize = 5;
-const _: () = assert!(X_DB_ERRORS + N_CLASSES * 8 <= EXT + super::EXT_BYTES);
+/// Requests without a usable X-Request-Start (not behind the shipped nginx
+/// site, or a host clock behind nginx's).
+const X_QUEUE_UNKNOWN: usize = X_DB_ERRORS + N_CLASSES * 8;
+const _: () = assert!(X_QUEUE_UNKNOWN + 8 <= EXT + super::EXT_BYTES);
 
 /// This worker's slot, for the counters below.
 static MINE: OnceLock<Slot> = OnceLock::new();
@@ -74,6 +77,11 @@ fn observe(hist: usize, sum: usize, d: Duration) {
 /// A request waited `d` between nginx taking it (X-Request-Start) and notesd handling it.
 pub(crate) fn queue_time(d: Duration) {
     observe(X_QUEUE, X_QUEUE_SUM, d);
+}
+
+/// A request came without a usable X-Request-Start: its queue time is unknown.
+pub(crate) fn queue_unknown() {
+    add(X_QUEUE_UNKNOWN, 1);
 }
 
 /// A request was answered 503 "overloaded" (`http.max_queue_ms`).
@@ -119,18 +127,20 @@ pub(crate) fn pool_gauges(in_use: usize, open: usize) {
     set(X_POOL_OPEN, open as u64);
 }
 
-/// SQLSTATE classes counted apart: what an operator acts on differs.
+/// Database errors counted apart: what an operator acts on differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ErrorClass {
-    /// 08: connection exceptions (the database went away).
+    /// The connection itself failed: I/O, TLS or protocol errors (no
+    /// SQLSTATE: the server is down or unreachable), SQLSTATE 08, or the
+    /// server terminating it (57P01–57P03: shutdown, crash, restart).
     Connection = 0,
     /// 53: insufficient resources (disk full, too many connections).
     Resources = 1,
-    /// 57: operator intervention (shutdown, cancel, statement timeout).
-    Operator = 2,
+    /// 57014: a query canceled (statement_timeout, pg_cancel_backend).
+    Canceled = 2,
     /// 40: transaction rollback (serialization, deadlock).
     Rollback = 3,
-    /// Anything else, and errors without a SQLSTATE (I/O, protocol).
+    /// Anything else (a constraint, a bad query, SQLite's own codes).
     Other = 4,
 }
 
@@ -138,17 +148,21 @@ impl ErrorClass {
     pub(crate) const ALL: [ErrorClass; N_CLASSES] = [
         ErrorClass::Connection,
         ErrorClass::Resources,
-        ErrorClass::Operator,
+        ErrorClass::Canceled,
         ErrorClass::Rollback,
         ErrorClass::Other,
     ];
 
-    pub(crate) fn of(sqlstate: Option<&str>) -> ErrorClass {
-        match sqlstate.map(|s| s.get(..2).unwrap_or(s)) {
-            Some("08") => ErrorClass::Connection,
-            Some("53") => ErrorClass::Resources,
-            Some("57") => ErrorClass::Operator,
-            Some("40") => ErrorClass::Rollback,
+    /// The class of an error whose connection `broke` (see
+    /// `store::health::broken`) or that carries `sqlstate`.
+    pub(crate) fn of(broke: bool, sqlstate: Option<&str>) -> ErrorClass {
+        if broke {
+            return ErrorClass::Connection;
+        }
+        match sqlstate {
+            Some(s) if s.starts_with("53") => ErrorClass::Resources,
+            Some("57014") => ErrorClass::Canceled,
+            Some(s) if s.starts_with("40") => ErrorClass::Rollback,
             _ => ErrorClass::Other,
         }
     }
@@ -156,18 +170,18 @@ impl ErrorClass {
     /// The `class` label.
     pub(crate) fn label(self) -> &'static str {
         match self {
-            ErrorClass::Connection => "08",
-            ErrorClass::Resources => "53",
-            ErrorClass::Operator => "57",
-            ErrorClass::Rollback => "40",
+            ErrorClass::Connection => "connection",
+            ErrorClass::Resources => "resources",
+            ErrorClass::Canceled => "canceled",
+            ErrorClass::Rollback => "rollback",
             ErrorClass::Other => "other",
         }
     }
 }
 
-/// A query or connection failed with `sqlstate` (None: no database error code).
-pub(crate) fn db_error(sqlstate: Option<&str>) {
-    add(X_DB_ERRORS + ErrorClass::of(sqlstate) as usize * 8, 1);
+/// A query or connection failed (see [`ErrorClass::of`]).
+pub(crate) fn db_error(class: ErrorClass) {
+    add(X_DB_ERRORS + class as usize * 8, 1);
 }
 
 /// The extension counters summed over every slot, and the busy workers.
@@ -175,6 +189,7 @@ pub(crate) fn db_error(sqlstate: Option<&str>) {
 pub struct ExtTotals {
     pub queue: [u64; N_BUCKETS],
     pub queue_sum_us: u64,
+    pub queue_unknown: u64,
     pub shed: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
@@ -212,6 +227,7 @@ impl Scoreboard {
                 *n += at(X_DB_ERRORS + c * 8);
             }
             t.queue_sum_us += at(X_QUEUE_SUM);
+            t.queue_unknown += at(X_QUEUE_UNKNOWN);
             t.shed += at(X_SHED);
             t.cache_hits += at(X_CACHE_HIT);
             t.cache_misses += at(X_CACHE_MISS);
@@ -232,14 +248,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sqlstate_classes() {
-        assert_eq!(ErrorClass::of(Some("08006")), ErrorClass::Connection);
-        assert_eq!(ErrorClass::of(Some("53100")), ErrorClass::Resources);
-        assert_eq!(ErrorClass::of(Some("57014")), ErrorClass::Operator);
-        assert_eq!(ErrorClass::of(Some("40001")), ErrorClass::Rollback);
-        assert_eq!(ErrorClass::of(Some("23505")), ErrorClass::Other);
-        assert_eq!(ErrorClass::of(None), ErrorClass::Other);
-        assert_eq!(ErrorClass::of(Some("0")), ErrorClass::Other);
+    fn error_classes() {
+        assert_eq!(ErrorClass::of(true, None), ErrorClass::Connection);
+        assert_eq!(ErrorClass::of(true, Some("57P01")), ErrorClass::Connection);
+        assert_eq!(ErrorClass::of(false, Some("53100")), ErrorClass::Resources);
+        assert_eq!(ErrorClass::of(false, Some("57014")), ErrorClass::Canceled);
+        assert_eq!(ErrorClass::of(false, Some("40001")), ErrorClass::Rollback);
+        assert_eq!(ErrorClass::of(false, Some("23505")), ErrorClass::Other);
+        assert_eq!(ErrorClass::of(false, None), ErrorClass::Other);
     }
 
     #[test]

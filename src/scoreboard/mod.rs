@@ -86,10 +86,13 @@ const EXT_BYTES: usize = 512;
 pub(crate) const SLOT_SIZE: usize = SLOT_SIZE_WITHOUT_EXT + EXT_BYTES;
 const OFF_X_PHASE: usize = EXT;
 /// After the slots: the listen queues the master samples, one entry per
-/// listener (queued u32, backlog u32, valid u64, name), read by `/metrics`.
-/// Older binaries never look past the slots.
+/// listener (queued u32, backlog u32, seq u64, name of up to 119 bytes: a
+/// unix path is at most 107), read by `/metrics`. The seq is odd while the
+/// master writes the entry, 0 for no entry: a reader never pairs one
+/// listener's name with another's numbers. Older binaries never look past
+/// the slots.
 const MAX_LISTENERS: usize = 8;
-const LISTENER_BYTES: usize = 128;
+const LISTENER_BYTES: usize = 136;
 /// Before the listeners: the master's own counters (timeout kills, u64).
 const TAIL_MASTER: usize = 64;
 const TAIL_BYTES: usize = TAIL_MASTER + MAX_LISTENERS * LISTENER_BYTES;
@@ -334,10 +337,10 @@ impl Scoreboard {
         }
     }
 
-    /// Timeout kills so far (0 on an older master's board).
-    pub(crate) fn timeout_kills(&self) -> u64 {
+    /// Timeout kills so far (None on an older master's board: not counted).
+    pub(crate) fn timeout_kills(&self) -> Option<u64> {
         self.tail()
-            .map_or(0, |tail| self.u64_at(tail).load(Ordering::Relaxed))
+            .map(|tail| self.u64_at(tail).load(Ordering::Relaxed))
     }
 
     /// Master: each listener's name (its bind) and queue, in the board's tail.
@@ -345,14 +348,19 @@ impl Scoreboard {
         let Some(tail) = self.tail() else { return };
         for i in 0..MAX_LISTENERS {
             let e = tail + TAIL_MASTER + i * LISTENER_BYTES;
+            let seq = self.u64_at(e + 8);
             match listeners.get(i) {
                 Some((name, queued, backlog)) => {
+                    // Odd while writing; the next even value once done.
+                    let next = (seq.load(Ordering::Relaxed) | 1) + 1;
+                    seq.store(next - 1, Ordering::Release);
+                    std::sync::atomic::fence(Ordering::Release);
                     self.write_str(e + 16, LISTENER_BYTES - 16, name);
                     self.u32_at(e).store(*queued, Ordering::Relaxed);
                     self.u32_at(e + 4).store(*backlog, Ordering::Relaxed);
-                    self.u64_at(e + 8).store(1, Ordering::Release);
+                    seq.store(next, Ordering::Release);
                 }
-                None => self.u64_at(e + 8).store(0, Ordering::Release),
+                None => seq.store(0, Ordering::Release),
             }
         }
     }
@@ -364,15 +372,33 @@ impl Scoreboard {
         };
         (0..MAX_LISTENERS)
             .map(|i| tail + TAIL_MASTER + i * LISTENER_BYTES)
-            .filter(|e| self.u64_at(e + 8).load(Ordering::Acquire) == 1)
-            .map(|e| {
-                (
-                    self.read_str(e + 16, LISTENER_BYTES - 16),
-                    self.u32_at(e).load(Ordering::Relaxed),
-                    self.u32_at(e + 4).load(Ordering::Relaxed),
-                )
-            })
+            .filter_map(|e| self.read_listener(e))
             .collect()
+    }
+
+    /// One listener entry, consistent (a few tries while the master writes it).
+    fn read_listener(&self, e: usize) -> Option<(String, u32, u32)> {
+        let seq = self.u64_at(e + 8);
+        for _ in 0..16 {
+            let s1 = seq.load(Ordering::Acquire);
+            if s1 == 0 {
+                return None;
+            }
+            if s1 % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let entry = (
+                self.read_str(e + 16, LISTENER_BYTES - 16),
+                self.u32_at(e).load(Ordering::Relaxed),
+                self.u32_at(e + 4).load(Ordering::Relaxed),
+            );
+            std::sync::atomic::fence(Ordering::Acquire);
+            if seq.load(Ordering::Relaxed) == s1 {
+                return Some(entry);
+            }
+        }
+        None
     }
 
     /// The slots have the extension (see the module doc).
@@ -621,6 +647,13 @@ impl Slot {
                 .u64_at(self.off + OFF_X_PHASE)
                 .store(word, Ordering::Relaxed);
         }
+    }
+
+    /// Requests this worker has in flight now.
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.board
+            .u32_at(self.off + OFF_IN_FLIGHT)
+            .load(Ordering::Relaxed)
     }
 
     pub(crate) fn request_started(&self) {

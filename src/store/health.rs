@@ -80,15 +80,18 @@ pub(crate) fn broken(e: &sqlx::Error) -> bool {
 
 /// Wrap a query error, remembering a broken connection.
 pub(crate) fn observe(e: sqlx::Error) -> StoreError {
-    if broken(&e) {
+    let broke_now = broken(&e);
+    if broke_now {
         broke();
     }
     let code = match &e {
         sqlx::Error::Database(db) => db.code(),
         _ => None,
     };
+    // A pool timeout is counted as such (notesd_db_pool_acquire_timeouts_total).
     if !matches!(e, sqlx::Error::PoolTimedOut) {
-        crate::scoreboard::ext::db_error(code.as_deref());
+        use crate::scoreboard::ext::{ErrorClass, db_error};
+        db_error(ErrorClass::of(broke_now, code.as_deref()));
     }
     StoreError::Query(e)
 }

@@ -111,6 +111,8 @@ macro_rules! with_conn {
         loop {
             match with_conn!(@run $query, acquire, $store, |$conn, $sql, $note| $body) {
                 Err(e) if !retried && health::broken(&e) => {
+                    use crate::scoreboard::ext::{ErrorClass, db_error};
+                    db_error(ErrorClass::Connection);
                     tracing::info!("database connection broke, retrying the read: {e}");
                     health::broke();
                     retried = true;

@@ -227,6 +227,8 @@ async fn serve(
             return ipc::EXIT_BOOT_FAILED;
         }
     };
+    // Before the pool opens its first connection: its gauges count it.
+    crate::scoreboard::ext::install(slot.clone());
     let life = Lifecycle::new();
     slot.set_phase(WorkerPhase::Booting);
     spawn_heartbeat(slot.clone(), config.timeout(), master_pid, life.clone());

@@ -177,7 +177,6 @@ impl InFlight {
 impl Shared {
     pub(crate) fn new(config: Arc<Config>, store: Store, slot: Slot, channel: Channel) -> Shared {
         let in_flight = InFlight::new(&config);
-        crate::scoreboard::ext::install(slot.clone());
         let pid = std::process::id();
         let s = &config.server;
         let retire_at = if s.max_requests == 0 {
@@ -414,11 +413,10 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let host = http::host::check(req.version(), req.headers());
     let bad_host = host.is_err();
     let queued = queue_time(&req, route);
-    let shed = shed(shared, route, queued);
-    let mut resp = match (host, shed) {
-        (Err(e), _) => ApiError::BadRequest(e.to_string()).into_response(),
-        (Ok(()), Some(overloaded)) => overloaded.into_response(),
-        (Ok(()), None) => {
+    let mut resp = match host.map(|()| shed(shared, route, queued)) {
+        Err(e) => ApiError::BadRequest(e.to_string()).into_response(),
+        Ok(Some(overloaded)) => overloaded.into_response(),
+        Ok(None) => {
             let route = std::pin::pin!(route_within_timeout(shared, req));
             phase::scope(phase, route).await
         }
@@ -464,12 +462,15 @@ fn queue_time(req: &Request<Incoming>, route: Route) -> Option<Duration> {
     let waited = http::queue_time(
         req.headers().get(&X_REQUEST_START),
         std::time::SystemTime::now(),
-    )?;
+    );
     // The probes and scrapes are not the traffic whose queue matters.
     if !matches!(route, Route::Healthz | Route::Readyz | Route::Metrics) {
-        ext::queue_time(waited);
+        match waited {
+            Some(w) => ext::queue_time(w),
+            None => ext::queue_unknown(),
+        }
     }
-    Some(waited)
+    waited
 }
 
 /// Load shedding (`http.max_queue_ms`): a request that already waited
