@@ -366,7 +366,13 @@ code=$(C curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: applic
 [[ $code == 201 ]] || fail "POST through nginx: $code"
 C curl -s 'http://notes.example.com/api/notes?limit=5' | jq -e '.[0].title == "through nginx"' >/dev/null ||
     fail "the note just created is not the newest in the list"
-measured "through nginx and the socket" "GET /healthz 200, POST 201, the note listed first"
+# The shipped site sends X-Request-Start: the requests through nginx have a queue time.
+M=$(C curl -s --unix-socket /run/notesd/notesd.sock http://localhost/metrics)
+queued=$(awk '$1 == "notesd_http_request_queue_seconds_count" {print $2}' <<<"$M")
+[[ ${queued:-0} -ge 2 ]] || fail "requests through the installed nginx site have no queue time (X-Request-Start): count ${queued:-none}"
+grep -q '^notesd_listen_queue_max{listener="unix:/run/notesd/notesd.sock"} [1-9]' <<<"$M" ||
+    fail "/metrics has no listen queue for systemd's socket: $(grep listen_queue <<<"$M")"
+measured "through nginx and the socket" "GET /healthz 200, POST 201, the note listed first; $queued requests with a queue time (X-Request-Start from the site); the socket's backlog on /metrics"
 
 # ---------------------------------------------------------------- 3. reloads
 say "3. 10 × systemctl reload notesd under load"
