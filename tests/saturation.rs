@@ -78,6 +78,30 @@ fn hammer(nginx: &Nginx, clients: usize, path: &'static str, secs: u64) -> Seen 
         .collect()
 }
 
+/// Until `on` goes false: the highest listen queue of the server's unix
+/// socket seen in `notesd status` and in `ss`, polled side by side.
+fn sample_listen_queue(server: &TestServer, on: Arc<AtomicBool>) -> thread::JoinHandle<(u64, u64)> {
+    let path = server.socket_path().to_path_buf();
+    let bind = format!("unix:{}", path.display());
+    let config = server.client_config_path().display().to_string();
+    thread::spawn(move || {
+        let (mut status_max, mut ss_max) = (0, 0);
+        while on.load(Ordering::Relaxed) {
+            let out = notesd_cmd(["status", "--json", "-c", config.as_str()]).output();
+            if let Ok(Ok(v)) = out.map(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout)) {
+                let queued = v["listeners"]
+                    .as_array()
+                    .and_then(|ls| ls.iter().find(|l| l["bind"] == bind.as_str()))
+                    .and_then(|l| l["queued"].as_u64());
+                status_max = status_max.max(queued.unwrap_or(0));
+            }
+            ss_max = ss_max.max(ss_unix(&path).map_or(0, |(q, _)| u64::from(q)));
+            thread::sleep(Duration::from_millis(50));
+        }
+        (status_max, ss_max)
+    })
+}
+
 fn p99(mut d: Vec<Duration>) -> Duration {
     d.sort();
     d.get(d.len().saturating_sub(1) * 99 / 100)
@@ -96,10 +120,13 @@ fn queue_time_is_measured_and_shed_past_max_queue_ms() {
         return;
     }
     for max_queue_ms in [0u64, 100] {
+        // Without shedding, no keep-alive either: each request through
+        // nginx is a new connection, so the listen queue fills too.
         let server = TestServer::start(
             &format!("shed_{max_queue_ms}"),
             TestOptions {
                 workers: 1,
+                keepalive: if max_queue_ms == 0 { 0 } else { 5 },
                 extra_toml: format!("[http]\nmax_queue_ms = {max_queue_ms}\n"),
                 ..TestOptions::default()
             },
@@ -109,7 +136,11 @@ fn queue_time_is_measured_and_shed_past_max_queue_ms() {
             return;
         };
         let before = metrics(&server);
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = sample_listen_queue(&server, sampling.clone());
         let seen = hammer(&nginx, 16, "/debug/block?ms=10", 4);
+        sampling.store(false, Ordering::Relaxed);
+        let (status_max, ss_max) = sampler.join().expect("sampler");
         let after = metrics(&server);
         let queued = after.get("notesd_http_request_queue_seconds_count")
             - before.get("notesd_http_request_queue_seconds_count");
@@ -142,6 +173,7 @@ fn queue_time_is_measured_and_shed_past_max_queue_ms() {
                 0.0
             }
         );
+        eprintln!("SATURATION listen queue: max {status_max} in notesd status, max {ss_max} in ss");
         assert!(
             other.is_empty(),
             "no other errors: {:?}",
@@ -152,6 +184,14 @@ fn queue_time_is_measured_and_shed_past_max_queue_ms() {
             "every request's queue time counted"
         );
         if max_queue_ms == 0 {
+            assert!(
+                ss_max >= 2 && status_max >= 2,
+                "the listen queue rose: status {status_max}, ss {ss_max}"
+            );
+            assert!(
+                status_max <= ss_max + 4 && ss_max <= 2 * status_max + 4,
+                "notesd's samples and ss's agree: {status_max} vs {ss_max}"
+            );
             assert_eq!(overloaded, 0);
             assert_eq!(shed, 0.0);
             assert!(
