@@ -85,6 +85,19 @@ pub struct DatabaseConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migrate_url: Option<String>,
     pub migrate_on_start: bool,
+    /// ms a query may run (0 = unbounded): PostgreSQL's session
+    /// `statement_timeout`, and notesd's own bound on every query, which
+    /// also holds against a server that stopped answering. Not sent while
+    /// it has its default, as `shutdown_delay`.
+    #[serde(skip_serializing_if = "is_default_statement_timeout")]
+    pub statement_timeout_ms: u64,
+}
+
+/// `database.statement_timeout_ms` when left out.
+pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 5_000;
+
+fn is_default_statement_timeout(n: &u64) -> bool {
+    *n == DEFAULT_STATEMENT_TIMEOUT_MS
 }
 
 impl Default for DatabaseConfig {
@@ -98,6 +111,7 @@ impl Default for DatabaseConfig {
             max_connections: 8,
             migrate_url: None,
             migrate_on_start: false,
+            statement_timeout_ms: DEFAULT_STATEMENT_TIMEOUT_MS,
         }
     }
 }
@@ -572,6 +586,14 @@ impl Config {
                 ),
                 _ => {}
             }
+        }
+        if d.statement_timeout_ms != 0 {
+            p.range(
+                "database.statement_timeout_ms",
+                d.statement_timeout_ms,
+                100,
+                3_600_000,
+            );
         }
         p.range(
             "database.max_connections",

@@ -902,8 +902,11 @@ fn metrics_count_exactly_what_was_asked(backend: Backend) {
         2.0,
         "workers serving"
     );
-    assert_eq!(m1.get("notesd_worker_restarts_total"), 0.0);
-    assert!(m1.samples.contains_key("notesd_worker_restarts_total"));
+    assert_eq!(m1.sum("notesd_worker_restarts_total"), 0.0);
+    for reason in ["crash", "timeout", "oom"] {
+        let series = format!("notesd_worker_restarts_total{{reason=\"{reason}\"}}");
+        assert!(m1.samples.contains_key(&series), "{series}");
+    }
     assert!(
         m1.samples.contains_key("notesd_http_requests_in_flight"),
         "{m1:?}"

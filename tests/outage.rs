@@ -478,7 +478,7 @@ fn database_unreachable_or_hanging_is_503_then_recovers() {
 fn list_requests_share_the_failure_of_the_token_query() {
     let Some(server) = start(Backend::Postgres, "token_failure", |o| {
         o.workers = 1;
-        o.database_extra = "max_connections = 1".into();
+        o.database_extra = "max_connections = 1\nstatement_timeout_ms = 30000".into();
         o.extra_toml = "[http]\nrequest_timeout = 30\n".into();
     }) else {
         return;

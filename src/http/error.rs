@@ -30,6 +30,10 @@ pub(crate) enum ApiError {
     Invalid(#[from] Invalid),
     #[error("the database is unavailable")]
     Unavailable,
+    /// A query ran past `database.statement_timeout_ms`: notesd stopped
+    /// waiting and closed the connection (PostgreSQL cancels it too).
+    #[error("database timed out")]
+    DatabaseTimeout,
     /// No room to commit the write (a full disk under SQLite, PostgreSQL's
     /// `disk_full`): nothing was written.
     #[error("storage full")]
@@ -56,9 +60,10 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable | ApiError::Timeout(_) | ApiError::Overloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Unavailable
+            | ApiError::DatabaseTimeout
+            | ApiError::Timeout(_)
+            | ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -75,6 +80,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Invalid(_) => "validation_failed",
             ApiError::Unavailable => "unavailable",
+            ApiError::DatabaseTimeout => "database_timeout",
             ApiError::StorageFull => "storage_full",
             ApiError::Timeout(_) => "timeout",
             ApiError::Overloaded { .. } => "overloaded",
@@ -103,6 +109,7 @@ impl ApiError {
 static UNAVAILABLE: Throttle = Throttle::new();
 static INTERNAL: Throttle = Throttle::new();
 static FULL: Throttle = Throttle::new();
+static TIMED_OUT: Throttle = Throttle::new();
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
@@ -115,6 +122,11 @@ impl From<StoreError> for ApiError {
                 );
             }
             ApiError::StorageFull
+        } else if e.is_timeout() {
+            if let Some(skipped) = TIMED_OUT.admit(now) {
+                tracing::warn!("database timed out: {e}{}", skipped_note(skipped));
+            }
+            ApiError::DatabaseTimeout
         } else if e.is_unavailable() {
             if let Some(skipped) = UNAVAILABLE.admit(now) {
                 tracing::warn!("database unavailable: {e}{}", skipped_note(skipped));

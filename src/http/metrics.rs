@@ -115,9 +115,6 @@ pub(crate) fn format(t: &Totals) -> String {
     ] {
         let _ = writeln!(out, "notesd_workers{{state=\"{state}\"}} {n}");
     }
-    out.push_str("# HELP notesd_worker_restarts_total Workers that died without being asked to.\n");
-    out.push_str("# TYPE notesd_worker_restarts_total counter\n");
-    let _ = writeln!(out, "notesd_worker_restarts_total {}", t.restarts);
     out
 }
 
@@ -294,6 +291,24 @@ fn label_value(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// `notesd_worker_restarts_total{reason}`: workers that died unasked,
+/// killed at `timeout`, by the OOM killer, or otherwise ("crash": a
+/// signal, a panic, an exit). A board from an older master does not split
+/// them: all are "crash" there.
+fn format_restarts(out: &mut String, restarts: u64, split: Option<[u64; 3]>) {
+    let [crash, timeouts, ooms] = split.unwrap_or([restarts, 0, 0]);
+    let _ = writeln!(
+        out,
+        "# HELP notesd_worker_restarts_total Workers that died without being asked to, by reason (timeout, oom, crash).\n# TYPE notesd_worker_restarts_total counter"
+    );
+    for (reason, n) in [("crash", crash), ("timeout", timeouts), ("oom", ooms)] {
+        let _ = writeln!(
+            out,
+            "notesd_worker_restarts_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+}
+
 /// Build, generation and reloads.
 fn format_lifecycle(out: &mut String, board: &Scoreboard) {
     let _ = writeln!(
@@ -301,15 +316,7 @@ fn format_lifecycle(out: &mut String, board: &Scoreboard) {
         "# HELP notesd_build_info The notesd version answering this scrape.\n# TYPE notesd_build_info gauge\nnotesd_build_info{{version=\"{}\"}} 1",
         crate::VERSION
     );
-    if let Some(kills) = board.timeout_kills() {
-        single(
-            out,
-            "notesd_worker_timeouts_total",
-            "counter",
-            "Workers killed for missing their heartbeat (server.timeout); also counted in notesd_worker_restarts_total.",
-            kills,
-        );
-    }
+    format_restarts(out, board.restarts(), board.restart_reasons());
     single(
         out,
         "notesd_generation",

@@ -9,6 +9,7 @@ pub(crate) mod backlog;
 pub mod control;
 pub(crate) mod events;
 pub mod handover;
+pub(crate) mod oom;
 pub(crate) mod sockets;
 pub(crate) mod spawn;
 pub(crate) mod state;
@@ -148,6 +149,8 @@ struct Edge {
     /// After a failed read of a unix socket's queue, the next try (a unit
     /// without AF_NETLINK would otherwise cost a failed socket() per tick).
     diag_retry_at: Duration,
+    /// The cgroup's OOM-kill count, to tell the OOM killer's SIGKILLs.
+    oom: oom::OomWatch,
 }
 
 /// Run the master until it exits; returns the process exit code.
@@ -413,6 +416,7 @@ impl Edge {
             diag: backlog::Diag::default(),
             backlog_warned: false,
             diag_retry_at: Duration::ZERO,
+            oom: oom::OomWatch::new(),
         })
     }
 
@@ -828,6 +832,10 @@ impl Edge {
             {
                 tracing::warn!("cannot release scoreboard slot {slot} of worker {pid}: {e}");
             }
+            let how = match how {
+                ExitHow::Signal(9) if self.oom.rose() => ExitHow::OomKilled,
+                how => how,
+            };
             self.execute(state, Event::Exited { pid, how });
             self.board.set_restarts(state.restarts);
         }
@@ -929,7 +937,11 @@ impl Edge {
         }
         self.board.set_recycles(state.recycles.0);
         self.board.set_generation(state.generation());
-        self.board.set_timeout_kills(state.timeout_kills);
+        let crashes = state
+            .restarts
+            .saturating_sub(state.timeout_kills + state.oom_kills);
+        self.board
+            .set_restart_reasons([crashes, state.timeout_kills, state.oom_kills]);
     }
 
     fn spawn(&mut self, generation: u32, slot: u32, config: &Config) -> Result<i32, String> {

@@ -67,6 +67,9 @@ pub enum WorkerSig {
 pub enum ExitHow {
     Code(i32),
     Signal(i32),
+    /// SIGKILL, and the service's cgroup counted an OOM kill meanwhile
+    /// (`memory.events` `oom_kill`): the kernel's OOM killer.
+    OomKilled,
 }
 
 #[derive(Debug, Clone)]
@@ -350,6 +353,8 @@ pub struct State {
     pub restarts: u64,
     /// Of those, the ones killed for missing their heartbeat.
     pub timeout_kills: u64,
+    /// Of those, the ones the kernel's OOM killer took.
+    pub oom_kills: u64,
     /// Workers stopped on purpose, by reason.
     pub recycles: Recycles,
     pub boot_failures: u64,
@@ -376,6 +381,8 @@ pub struct Snapshot {
     pub recycles: Recycles,
     #[serde(default)]
     pub timeout_kills: u64,
+    #[serde(default)]
+    pub oom_kills: u64,
 }
 
 impl State {
@@ -414,6 +421,7 @@ impl State {
             boot_failures: self.boot_failures,
             recycles: self.recycles,
             timeout_kills: self.timeout_kills,
+            oom_kills: self.oom_kills,
         })
     }
 
@@ -462,6 +470,7 @@ impl State {
             restarts: snapshot.restarts,
             recycles: snapshot.recycles,
             timeout_kills: snapshot.timeout_kills,
+            oom_kills: snapshot.oom_kills,
             boot_failures: snapshot.boot_failures,
         })
     }
@@ -494,6 +503,7 @@ impl State {
             restarts: 0,
             recycles: Recycles::default(),
             timeout_kills: 0,
+            oom_kills: 0,
             boot_failures: 0,
         }
     }
@@ -891,6 +901,10 @@ impl State {
         let how_text = match how {
             ExitHow::Code(c) => format!("exit code {c}"),
             ExitHow::Signal(s) => format!("signal {s}"),
+            ExitHow::OomKilled => {
+                "killed by the kernel's OOM killer (SIGKILL; the cgroup's memory.events oom_kill rose)"
+                    .to_string()
+            }
         };
         match w.state {
             WorkerState::Booting => {
@@ -915,6 +929,9 @@ impl State {
             WorkerState::Ready | WorkerState::Retiring => {
                 if !matches!(self.phase, Phase::Stopping { .. }) {
                     self.restarts += 1;
+                    if how == ExitHow::OomKilled {
+                        self.oom_kills += 1;
+                    }
                     out.push(Action::Log(
                         Level::Warn,
                         format!("worker {pid} died unexpectedly ({how_text}); replacing it"),

@@ -93,7 +93,8 @@ const OFF_X_PHASE: usize = EXT;
 /// the slots.
 const MAX_LISTENERS: usize = 8;
 const LISTENER_BYTES: usize = 136;
-/// Before the listeners: the master's own counters (timeout kills, u64).
+/// Before the listeners: the master's own counters (restarts by reason:
+/// crash, timeout, OOM; u64 each).
 const TAIL_MASTER: usize = 64;
 const TAIL_BYTES: usize = TAIL_MASTER + MAX_LISTENERS * LISTENER_BYTES;
 /// The token of the request whose slow-request record was written (by the
@@ -330,17 +331,22 @@ impl Scoreboard {
         (at + TAIL_BYTES <= self.len).then_some(at)
     }
 
-    /// Master: workers killed for missing their heartbeat (`timeout`).
-    pub(crate) fn set_timeout_kills(&self, n: u64) {
+    /// Master: the workers that died unasked, by reason: (crash, timeout,
+    /// OOM). Each word only grows, so each series does.
+    pub(crate) fn set_restart_reasons(&self, counts: [u64; 3]) {
         if let Some(tail) = self.tail() {
-            self.u64_at(tail).store(n, Ordering::Relaxed);
+            for (i, n) in counts.iter().enumerate() {
+                self.u64_at(tail + i * 8).store(*n, Ordering::Relaxed);
+            }
         }
     }
 
-    /// Timeout kills so far (None on an older master's board: not counted).
-    pub(crate) fn timeout_kills(&self) -> Option<u64> {
-        self.tail()
-            .map(|tail| self.u64_at(tail).load(Ordering::Relaxed))
+    /// See [`Self::set_restart_reasons`]; None on an older master's board.
+    pub(crate) fn restart_reasons(&self) -> Option<[u64; 3]> {
+        let tail = self.tail()?;
+        Some(std::array::from_fn(|i| {
+            self.u64_at(tail + i * 8).load(Ordering::Relaxed)
+        }))
     }
 
     /// Master: each listener's name (its bind) and queue, in the board's tail.

@@ -72,7 +72,10 @@ pub(crate) fn broken(e: &sqlx::Error) -> bool {
             let code = db.code().unwrap_or_default();
             // connection exceptions (08…); terminated by an administrator,
             // crash or restart (57P01-57P03)
-            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")
+            // … and a server that became read-only under us (25006: a
+            // failed-over primary back as a standby): a fresh connection
+            // through the proxy finds the new primary.
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "25006")
         }
         _ => false,
     }

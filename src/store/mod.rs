@@ -56,6 +56,20 @@ pub enum StoreError {
 
 impl StoreError {
     /// Database unavailable (as opposed to a bad query): maps to 503.
+    /// A query ran past `database.statement_timeout_ms`: notesd's own
+    /// bound, or PostgreSQL's `statement_timeout` (57014). Maps to 503
+    /// "database timed out".
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            StoreError::Timeout(_) => true,
+            StoreError::Query(e) => {
+                db_code(e).is_some_and(|(b, code)| b == Backend::Postgres && code == "57014")
+            }
+            StoreError::Shared(e) => e.is_timeout(),
+            _ => false,
+        }
+    }
+
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Connect { .. } | StoreError::Timeout(_) => true,
@@ -126,6 +140,23 @@ fn unavailable_code(backend: Backend, code: &str) -> bool {
         // SQLITE_BUSY / SQLITE_LOCKED (any extended code) after busy_timeout.
         Backend::Sqlite => code.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6)),
     }
+}
+
+/// `database.statement_timeout_ms`, when on.
+fn statement_timeout(cfg: &DatabaseConfig) -> Option<Duration> {
+    (cfg.statement_timeout_ms > 0).then(|| Duration::from_millis(cfg.statement_timeout_ms))
+}
+
+/// PostgreSQL cancels a statement running longer than `bound` itself (57014):
+/// its locks and work go with it, not only notesd's wait. A session setting,
+/// sent on each new connection (a startup parameter would not pass PgBouncer).
+fn pg_statement_timeout(bound: Duration) -> pool::OnConnect<sqlx::PgConnection> {
+    let sql = format!("SET statement_timeout = {}", bound.as_millis());
+    std::sync::Arc::new(move |conn| {
+        // An integer formatted by us: safe to send as SQL text.
+        let sql = sqlx::AssertSqlSafe(sql.clone());
+        Box::pin(async move { sqlx::raw_sql(sql).execute(conn).await.map(|_| ()) })
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -227,6 +258,8 @@ impl Store {
                 let opts = PgConnectOptions::from_str(&cfg.url)
                     .map_err(|e| StoreError::Url(e.to_string()))?
                     .application_name("notesd");
+                // Migrations run as long as they need.
+                let bound = statement_timeout(cfg).filter(|_| purpose != Purpose::Migrate);
                 let pool = PgPool::connect(
                     opts,
                     PoolOptions {
@@ -234,6 +267,8 @@ impl Store {
                         acquire_timeout,
                         idle_timeout: Duration::from_secs(600),
                         check: true,
+                        statement_timeout: bound,
+                        on_connect: bound.map(pg_statement_timeout),
                     },
                 )
                 .await
@@ -257,6 +292,9 @@ impl Store {
                         idle_timeout: Duration::from_secs(600),
                         // In-process: a SQLite connection does not break while idle.
                         check: false,
+                        statement_timeout: statement_timeout(cfg)
+                            .filter(|_| purpose != Purpose::Migrate),
+                        on_connect: None,
                     },
                 )
                 .await

@@ -110,55 +110,86 @@ macro_rules! with_conn {
         let mut retried = false;
         loop {
             match with_conn!(@run $query, acquire, $store, |$conn, $sql, $note| $body) {
-                Err(e) if !retried && health::broken(&e) => {
+                Err(Failed::Db(e)) if !retried && health::broken(&e) => {
                     use crate::scoreboard::ext::{ErrorClass, db_error};
                     db_error(ErrorClass::Connection);
                     tracing::info!("database connection broke, retrying the read: {e}");
                     health::broke();
                     retried = true;
                 }
-                r => break r.map_err(health::observe),
+                r => break r.map_err(Failed::into_store),
             }
         }
     }};
     (write $query:ident, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
         with_conn!(@run $query, acquire_live, $store, |$conn, $sql, $note| $body)
-            .map_err(health::observe)
+            .map_err(Failed::into_store)
     };
     (@run $query:ident, $acquire:ident, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
         match $store {
             Store::Postgres(pool) => {
-                with_conn!(@on $query, pool.$acquire(), &PG, note::<sqlx::postgres::PgRow>,
-                    |$conn, $sql, $note| $body)
+                with_conn!(@on $query, pool.$acquire(), pool.statement_timeout(), &PG,
+                    note::<sqlx::postgres::PgRow>, |$conn, $sql, $note| $body)
             }
             Store::Sqlite(pool) => {
-                with_conn!(@on $query, pool.$acquire(), &LITE, note::<sqlx::sqlite::SqliteRow>,
-                    |$conn, $sql, $note| $body)
+                with_conn!(@on $query, pool.$acquire(), pool.statement_timeout(), &LITE,
+                    note::<sqlx::sqlite::SqliteRow>, |$conn, $sql, $note| $body)
             }
         }
     };
     // The request's phase (see `scoreboard::phase`): waiting for the pool,
-    // then running the named query, then back in notesd's own code.
-    (@on $query:ident, $acquire:expr, $sql_set:expr, $decoder:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
+    // then running the named query, then back in notesd's own code. The
+    // query is bounded by `database.statement_timeout_ms`: past it, the
+    // connection is closed (never reused mid-query) and the request gets 503.
+    (@on $query:ident, $acquire:expr, $bound:expr, $sql_set:expr, $decoder:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
         async {
             phase::enter(Step::WaitingPool, None);
             let acquired = $acquire.await;
             phase::enter(Step::Handling, None);
-            let mut pooled = acquired?;
+            let mut pooled = acquired.map_err(Failed::Db)?;
             phase::enter(Step::Query, Some(Query::$query));
-            let r: Result<_, sqlx::Error> = async {
+            let run = async {
                 let $conn = &mut *pooled;
                 #[allow(unused_variables)]
                 let ($sql, $note) = ($sql_set, $decoder);
-                Ok($body)
-            }
-            .await;
+                Ok::<_, sqlx::Error>($body)
+            };
+            let r = match $bound {
+                Some(bound) => match tokio::time::timeout(bound, run).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        phase::enter(Step::Handling, None);
+                        return Err(Failed::TimedOut(bound));
+                    }
+                },
+                None => run.await,
+            };
             pooled.finish(&r);
             phase::enter(Step::Handling, None);
-            r
+            r.map_err(Failed::Db)
         }
         .await
     };
+}
+
+/// How a query failed: the database said so, or it did not answer within
+/// `database.statement_timeout_ms`.
+enum Failed {
+    Db(sqlx::Error),
+    TimedOut(std::time::Duration),
+}
+
+impl Failed {
+    fn into_store(self) -> StoreError {
+        match self {
+            Failed::Db(e) => health::observe(e),
+            Failed::TimedOut(bound) => {
+                use crate::scoreboard::ext::{ErrorClass, db_error};
+                db_error(ErrorClass::Canceled);
+                StoreError::Timeout(bound)
+            }
+        }
+    }
 }
 
 /// The `RETURNING` row of a write that affects at most one row, taken from

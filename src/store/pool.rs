@@ -39,6 +39,8 @@ struct Inner<C: Connection> {
     closed: AtomicBool,
     /// The permits' number (the semaphore does not say).
     max: usize,
+    statement_timeout: Option<Duration>,
+    on_connect: Option<OnConnect<C>>,
 }
 
 struct Idle<C> {
@@ -48,12 +50,27 @@ struct Idle<C> {
 }
 
 /// Settings of a [`Pool`].
-pub struct PoolOptions {
+pub struct PoolOptions<C> {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
     pub idle_timeout: Duration,
     pub check: bool,
+    /// The bound on each query run on a connection of this pool (None: none).
+    pub statement_timeout: Option<Duration>,
+    /// Run on each new connection before it is first handed out (e.g.
+    /// PostgreSQL's `SET statement_timeout`).
+    pub on_connect: Option<OnConnect<C>>,
 }
+
+/// See [`PoolOptions::on_connect`].
+pub(crate) type OnConnect<C> = Arc<
+    dyn for<'c> Fn(
+            &'c mut C,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), sqlx::Error>> + Send + 'c>,
+        > + Send
+        + Sync,
+>;
 
 impl<C: Connection> Clone for Pool<C> {
     fn clone(&self) -> Self {
@@ -89,7 +106,7 @@ impl<C: Connection> Inner<C> {
 impl<C: Connection> Pool<C> {
     /// A pool with one connection opened already, so a bad URL or an
     /// unreachable database shows at once.
-    pub async fn connect(options: C::Options, o: PoolOptions) -> Result<Pool<C>, sqlx::Error> {
+    pub async fn connect(options: C::Options, o: PoolOptions<C>) -> Result<Pool<C>, sqlx::Error> {
         let pool = Pool {
             inner: Arc::new(Inner {
                 options,
@@ -100,12 +117,19 @@ impl<C: Connection> Pool<C> {
                 check: o.check,
                 closed: AtomicBool::new(false),
                 max: o.max_connections.max(1) as usize,
+                statement_timeout: o.statement_timeout,
+                on_connect: o.on_connect,
             }),
         };
         let mut first = pool.acquire().await?;
         first.reusable = true;
         drop(first);
         Ok(pool)
+    }
+
+    /// The bound on each query (see [`PoolOptions::statement_timeout`]).
+    pub fn statement_timeout(&self) -> Option<Duration> {
+        self.inner.statement_timeout
     }
 
     /// A connection within `acquire_timeout`: an idle one (pinged first when
@@ -151,7 +175,10 @@ impl<C: Connection> Pool<C> {
         loop {
             let idle = inner.idle().pop();
             let Some(mut idle) = idle else {
-                let conn = inner.options.connect().await?;
+                let mut conn = inner.options.connect().await?;
+                if let Some(init) = &inner.on_connect {
+                    init(&mut conn).await?;
+                }
                 return Ok(Conn::new(conn, Instant::now(), permit, self));
             };
             let idle_for = idle.since.elapsed();

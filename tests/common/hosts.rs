@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::{CmdOutput, TempDir, run_with_timeout, skip_unless_ci};
+use super::{CmdOutput, TempDir, children_of, run_with_timeout, skip_unless_ci};
 
 /// Root, or a loud SKIP (a failure under CI).
 pub fn require_root(what: &str) -> bool {
@@ -242,6 +242,20 @@ impl PgCluster {
             ],
         );
         assert_eq!(out.code, Some(0), "pg_ctl stop: {}", out.describe());
+    }
+
+    /// The server's processes: the postmaster (from `postmaster.pid`) and
+    /// its children (to SIGSTOP the whole server: a hung database).
+    pub fn pids(&self) -> Vec<i32> {
+        let pidfile = fs::read_to_string(self.data.join("postmaster.pid")).unwrap_or_default();
+        let Some(main) = pidfile
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        else {
+            return Vec::new();
+        };
+        std::iter::once(main).chain(children_of(main)).collect()
     }
 
     /// The URL of database `db`, over the socket, as role `postgres`.

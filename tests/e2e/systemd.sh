@@ -331,7 +331,8 @@ journal_has 'socket activation' ||
     fail "notesd did not take its socket from notesd.socket"
 INODE=$(socket_inode)
 [[ $(C stat -c '%a %U:%G' /run/notesd/notesd.sock) == "660 notesd:www-data" ]] || fail "socket is $(C stat -c '%a %U:%G' /run/notesd/notesd.sock)"
-measured "units" "notesd.socket active, notesd.service active (MainPID $MAINPID, $WORKERS workers, generation $GEN)"
+[[ $(unit_prop notesd OOMPolicy) == continue ]] || fail "OOMPolicy is $(unit_prop notesd OOMPolicy), not continue: one worker's OOM kill would stop the service"
+measured "units" "notesd.socket active, notesd.service active (MainPID $MAINPID, $WORKERS workers, generation $GEN, OOMPolicy=continue)"
 if journal_has 'already exists, skipping'; then
     fail "the start logged PostgreSQL's 'already exists, skipping' notice"
 fi
@@ -463,6 +464,17 @@ for _ in $(seq 100); do
     fi
     sleep 0.1
 done
+[[ $(unit_prop notesd ActiveState) == active ]] || fail "a worker's SIGKILL left the unit $(unit_prop notesd ActiveState) (OOMPolicy=continue)"
+M=$(C curl -s --unix-socket /run/notesd/notesd.sock http://localhost/metrics)
+grep -q '^notesd_worker_restarts_total{reason="crash"} [1-9]' <<<"$M" ||
+    fail "the SIGKILL is not counted as a crash: $(grep restarts_total <<<"$M")"
+# What the OOM killer does is a SIGKILL; telling it apart needs the cgroup's
+# memory.events, which only a cgroup v2 host with the memory controller has.
+if C test -r /sys/fs/cgroup/system.slice/notesd.service/memory.events; then
+    measured "OOM classification" "memory.events readable: an OOM kill is counted as reason=oom (unit-tested against a fixture)"
+else
+    say "SKIP (loudly): no memory.events for notesd.service here (cgroup v1 host: the memory controller is not delegated to the container), so no real OOM kill is provoked; README 'Operate' says how to confirm it on a cgroup v2 host"
+fi
 # The replacement: the youngest ready worker, once the victim is gone.
 replacement=$(jq -r '[.workers[] | select(.state == "ready")] | min_by(.age_s) | .pid' <<<"$S")
 [[ $replacement != "$victim" && $replacement != "$original" ]] || fail "no replacement for $victim: $S"
