@@ -131,12 +131,29 @@ pub fn reopen() {
 #[derive(Clone, Copy)]
 struct FileWriter;
 
+/// Log lines this process could not write to `log.file` (a full disk, an
+/// I/O error): dropped, never waited for, never retried; the next line
+/// tries again, so logging resumes by itself once there is room.
+static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Lines this process dropped so far (see [`DROPPED`]).
+pub fn dropped_lines() -> u64 {
+    DROPPED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Write for FileWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match LOG_FILE.get().map(|lf| lf.file.lock()) {
-            Some(Ok(mut f)) => f.write(buf),
-            _ => io::stderr().write(buf),
+        let written = match LOG_FILE.get().map(|lf| lf.file.lock()) {
+            Some(Ok(mut f)) => f.write_all(buf),
+            _ => io::stderr().write_all(buf),
+        };
+        if written.is_err() {
+            // Counted, not reported: an error per line would go to stderr
+            // (the journal) exactly when the disk under the log is full.
+            DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::scoreboard::ext::log_dropped();
         }
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {

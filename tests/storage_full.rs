@@ -360,3 +360,68 @@ fn postgres_commit_time_failure_is_never_2xx() {
     let ok = s.create(&json!({"title": "fine"}));
     assert_eq!(s.note(ok)["title"], "fine");
 }
+
+/// `log.file` on a 256 KiB tmpfs under a keep-alive load with the access log
+/// on: the disk fills, no request fails, the lines that did not fit are
+/// counted, and once there is room again the log carries on by itself.
+#[test]
+fn a_full_disk_under_the_log_file_drops_lines_and_fails_no_request() {
+    if !nix::unistd::geteuid().is_root() {
+        skip_unless_ci(
+            "root",
+            "this test mounts a tmpfs and needs root",
+            ": run CI as root",
+        );
+        return;
+    }
+    let dir = TempDir::new("log_full");
+    let fs = Tmpfs::mount(&dir.join("fs"), "256k");
+    let file = fs.path.join("notesd.log");
+    let server = TestServer::start(
+        "log_full",
+        TestOptions {
+            log_extra: format!("file = {}", toml_str(&file.display().to_string())),
+            ..TestOptions::default()
+        },
+    );
+    let load = server.load(4, "/healthz");
+    std::thread::sleep(Duration::from_secs(3));
+    let stats = load.stop();
+    let metric = |m: &str| -> f64 {
+        let text = server.get("/metrics").body;
+        common::notes::Metrics::parse(&text).get(m)
+    };
+    let dropped = metric("notesd_log_lines_dropped_total");
+    let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "LOG full: {stats:?}; log file {size} bytes on a 256 KiB tmpfs; {dropped} lines dropped"
+    );
+    assert_eq!(
+        stats.failed, 0,
+        "a full log disk fails no request: {stats:?}"
+    );
+    assert!(stats.ok > 2_000, "it kept serving: {stats:?}");
+    assert!(
+        dropped > 100.0,
+        "the lines that did not fit are counted: {dropped}"
+    );
+    // Room again (logrotate would move the file away; here: truncate it).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .expect("open")
+        .set_len(0)
+        .expect("truncate");
+    let before = metric("notesd_log_lines_dropped_total");
+    let resp = server.request("GET", "/", &[("X-Request-Id", "after-the-disk-freed")]);
+    assert_eq!(resp.status, 200);
+    let resumed = poll_until(Duration::from_secs(3), || {
+        std::fs::read_to_string(&file).is_ok_and(|t| t.contains("after-the-disk-freed"))
+    });
+    assert!(resumed, "logging resumed by itself once there was room");
+    assert_eq!(
+        metric("notesd_log_lines_dropped_total"),
+        before,
+        "nothing dropped any more"
+    );
+}

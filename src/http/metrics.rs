@@ -319,6 +319,13 @@ fn format_lifecycle(out: &mut String, board: &Scoreboard) {
     format_restarts(out, board.restarts(), board.restart_reasons());
     single(
         out,
+        "notesd_log_lines_dropped_total",
+        "counter",
+        "Log lines that could not be written to log.file (a full disk): dropped, never waited for; logging resumes by itself.",
+        board.ext_totals().log_dropped + board.master_log_dropped(),
+    );
+    single(
+        out,
         "notesd_generation",
         "gauge",
         "The newest generation of workers (each reload starts one).",

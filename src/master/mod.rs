@@ -942,6 +942,8 @@ impl Edge {
             .saturating_sub(state.timeout_kills + state.oom_kills);
         self.board
             .set_restart_reasons([crashes, state.timeout_kills, state.oom_kills]);
+        self.board
+            .set_master_log_dropped(crate::log::dropped_lines());
     }
 
     fn spawn(&mut self, generation: u32, slot: u32, config: &Config) -> Result<i32, String> {

@@ -35,7 +35,9 @@ const N_CLASSES: usize = 5;
 /// Requests without a usable X-Request-Start (not behind the shipped nginx
 /// site, or a host clock behind nginx's).
 const X_QUEUE_UNKNOWN: usize = X_DB_ERRORS + N_CLASSES * 8;
-const _: () = assert!(X_QUEUE_UNKNOWN + 8 <= EXT + super::EXT_BYTES);
+/// Log lines the worker could not write to `log.file`.
+const X_LOG_DROPPED: usize = X_QUEUE_UNKNOWN + 8;
+const _: () = assert!(X_LOG_DROPPED + 8 <= EXT + super::EXT_BYTES);
 
 /// This worker's slot, for the counters below.
 static MINE: OnceLock<Slot> = OnceLock::new();
@@ -77,6 +79,11 @@ fn observe(hist: usize, sum: usize, d: Duration) {
 /// A request waited `d` between nginx taking it (X-Request-Start) and notesd handling it.
 pub(crate) fn queue_time(d: Duration) {
     observe(X_QUEUE, X_QUEUE_SUM, d);
+}
+
+/// A log line could not be written (see `log::dropped_lines`).
+pub(crate) fn log_dropped() {
+    add(X_LOG_DROPPED, 1);
 }
 
 /// A request came without a usable X-Request-Start: its queue time is unknown.
@@ -190,6 +197,7 @@ pub struct ExtTotals {
     pub queue: [u64; N_BUCKETS],
     pub queue_sum_us: u64,
     pub queue_unknown: u64,
+    pub log_dropped: u64,
     pub shed: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
@@ -228,6 +236,7 @@ impl Scoreboard {
             }
             t.queue_sum_us += at(X_QUEUE_SUM);
             t.queue_unknown += at(X_QUEUE_UNKNOWN);
+            t.log_dropped += at(X_LOG_DROPPED);
             t.shed += at(X_SHED);
             t.cache_hits += at(X_CACHE_HIT);
             t.cache_misses += at(X_CACHE_MISS);

@@ -94,7 +94,7 @@ const OFF_X_PHASE: usize = EXT;
 const MAX_LISTENERS: usize = 8;
 const LISTENER_BYTES: usize = 136;
 /// Before the listeners: the master's own counters (restarts by reason:
-/// crash, timeout, OOM; u64 each).
+/// crash, timeout, OOM; then its dropped log lines; u64 each).
 const TAIL_MASTER: usize = 64;
 const TAIL_BYTES: usize = TAIL_MASTER + MAX_LISTENERS * LISTENER_BYTES;
 /// The token of the request whose slow-request record was written (by the
@@ -339,6 +339,19 @@ impl Scoreboard {
                 self.u64_at(tail + i * 8).store(*n, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Master: log lines it could not write (its own; workers count theirs
+    /// in their slots).
+    pub(crate) fn set_master_log_dropped(&self, n: u64) {
+        if let Some(tail) = self.tail() {
+            self.u64_at(tail + 24).store(n, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn master_log_dropped(&self) -> u64 {
+        self.tail()
+            .map_or(0, |tail| self.u64_at(tail + 24).load(Ordering::Relaxed))
     }
 
     /// See [`Self::set_restart_reasons`]; None on an older master's board.
