@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -486,40 +486,7 @@ fn status_and_metrics_resources_agree_with_proc_under_load() {
         workers_in_metrics, 2,
         "no series of a dead worker: {scrape}"
     );
-    promtool_check(&scrape);
-}
-
-/// `promtool check metrics` accepts the text (Debian's prometheus package).
-fn promtool_check(text: &str) {
-    if Command::new("promtool").arg("--version").output().is_err() {
-        skip_unless_ci(
-            "promtool",
-            "promtool not found (apt-get install prometheus)",
-            "; .ci/run installs it",
-        );
-        return;
-    }
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check_metrics(&scrape);
 }
 
 /// `notesd status --watch` prints one table after another when stdout is

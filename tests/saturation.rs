@@ -319,44 +319,7 @@ fn cache_reloads_and_build_are_on_metrics() {
     assert_eq!(m.get("notesd_reloads_total{result=\"complete\"}"), 1.0);
     assert_eq!(m.get("notesd_generation"), 2.0);
     assert!(m.get("notesd_master_start_time_seconds") > 1.7e9);
-    promtool_check(&server.get("/metrics").body);
-}
-
-/// `promtool check metrics` (Debian's prometheus package) accepts `text`.
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    if std::process::Command::new("promtool")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        skip_unless_ci(
-            "promtool",
-            "promtool not found (apt-get install prometheus)",
-            "; .ci/run installs it",
-        );
-        return;
-    }
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check_metrics(&server.get("/metrics").body);
 }
 
 /// `ss -xlnH` Recv-Q and Send-Q of the unix listener at `path`.

@@ -55,6 +55,19 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Root, or a loud SKIP (a failure under CI): the tests mount a tmpfs.
+fn as_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    skip_unless_ci(
+        "root",
+        "this test mounts a tmpfs and needs root",
+        ": run CI as root",
+    );
+    false
+}
+
 fn run_ok(cmd: &mut Command) {
     let out = cmd.output().expect("run mount");
     assert!(
@@ -104,12 +117,7 @@ fn committed(resp: &Response, what: &str, ok: u16) -> bool {
 
 #[test]
 fn sqlite_on_a_full_disk_acknowledges_only_committed_writes() {
-    if !nix::unistd::geteuid().is_root() {
-        skip_unless_ci(
-            "root",
-            "this test mounts a tmpfs and needs root",
-            ": run CI as root",
-        );
+    if !as_root() {
         return;
     }
     let dir = TempDir::new("storage_full");
@@ -366,12 +374,7 @@ fn postgres_commit_time_failure_is_never_2xx() {
 /// counted, and once there is room again the log carries on by itself.
 #[test]
 fn a_full_disk_under_the_log_file_drops_lines_and_fails_no_request() {
-    if !nix::unistd::geteuid().is_root() {
-        skip_unless_ci(
-            "root",
-            "this test mounts a tmpfs and needs root",
-            ": run CI as root",
-        );
+    if !as_root() {
         return;
     }
     let dir = TempDir::new("log_full");
