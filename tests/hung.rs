@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,22 +19,6 @@ fn error_code(resp: &Response) -> Option<String> {
     serde_json::from_str::<Value>(&resp.body)
         .ok()
         .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
-}
-
-fn timed(
-    server: &TestServer,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-) -> (Response, Duration) {
-    let t0 = Instant::now();
-    let resp = Client::connect(server.socket_path()).call(
-        method,
-        path,
-        &[("Content-Type", "application/json")],
-        body,
-    );
-    (resp, t0.elapsed())
 }
 
 /// `LOCK TABLE notes` held for 6 s with a 1.5 s bound: a POST and a read of a
@@ -53,19 +36,19 @@ fn a_locked_table_is_answered_503_within_the_statement_timeout() {
     let created = server.create(&json!({"title": "before the lock"}));
     let id = created;
     let db = server.db.pg.as_ref().expect("PostgreSQL").name.clone();
-    let hold = "BEGIN; LOCK TABLE notes IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(6); COMMIT;";
-    let mut locker = psql_command(&db, hold)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("psql");
-    thread::sleep(Duration::from_millis(500));
+    let mut locker = hold_notes_lock(&db, 6);
     let (post, post_took) = timed(
-        &server,
+        server.socket_path(),
         "POST",
         "/api/notes",
-        Some(br#"{"title":"blocked"}"#),
+        Some(r#"{"title":"blocked"}"#),
     );
-    let (get, get_took) = timed(&server, "GET", &format!("/api/notes/{id}"), None);
+    let (get, get_took) = timed(
+        server.socket_path(),
+        "GET",
+        &format!("/api/notes/{id}"),
+        None,
+    );
     thread::sleep(Duration::from_millis(300));
     let waiting = psql_ok(
         &db,
@@ -125,10 +108,10 @@ fn a_hung_postgresql_is_answered_in_bounded_time_and_recovered_from() {
     let mut ids = Vec::new();
     for i in 0..20 {
         let (resp, _) = timed(
-            &server,
+            server.socket_path(),
             "POST",
             "/api/notes",
-            Some(format!(r#"{{"title":"n{i}"}}"#).as_bytes()),
+            Some(&format!(r#"{{"title":"n{i}"}}"#)),
         );
         assert_eq!(resp.status, 201, "{resp:?}");
         let v: Value = serde_json::from_str(&resp.body).expect("json");
@@ -148,13 +131,13 @@ fn a_hung_postgresql_is_answered_in_bounded_time_and_recovered_from() {
     let mut answers = Vec::new();
     for _ in 0..3 {
         answers.push(timed(
-            &server,
+            server.socket_path(),
             "POST",
             "/api/notes",
-            Some(br#"{"title":"hung"}"#),
+            Some(r#"{"title":"hung"}"#),
         ));
         answers.push(timed(
-            &server,
+            server.socket_path(),
             "GET",
             &format!("/api/notes/{}", ids[0]),
             None,
@@ -197,7 +180,12 @@ fn a_hung_postgresql_is_answered_in_bounded_time_and_recovered_from() {
         "serving again {back_after:?} after SIGCONT"
     );
     assert_eq!(server.worker_pids(), workers, "no worker killed as hung");
-    let (post, _) = timed(&server, "POST", "/api/notes", Some(br#"{"title":"after"}"#));
+    let (post, _) = timed(
+        server.socket_path(),
+        "POST",
+        "/api/notes",
+        Some(r#"{"title":"after"}"#),
+    );
     assert_eq!(post.status, 201, "{post:?}");
     let count = cluster.sql(
         "notesd",

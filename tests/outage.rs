@@ -18,7 +18,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -51,14 +51,6 @@ fn not_503(resp: &Response) -> Option<String> {
         && (code == "unavailable" || code == "timeout")
         && resp.header("x-request-id").is_some();
     (!ok).then(|| format!("{} {}", resp.status, resp.body))
-}
-
-/// One request over a fresh connection, timed.
-fn timed(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (Response, Duration) {
-    let t0 = Instant::now();
-    let headers: &[(&str, &str)] = if body.is_some() { &[JSON] } else { &[] };
-    let resp = Client::connect(socket).call(method, path, headers, body.map(str::as_bytes));
-    (resp, t0.elapsed())
 }
 
 /// `rounds` rounds of /readyz, list, get, create and /healthz, all of a round
@@ -491,12 +483,7 @@ fn list_requests_share_the_failure_of_the_token_query() {
         .name
         .clone();
     let _ = server.create(&json!({"title": "warm"}));
-    let hold = "BEGIN; LOCK TABLE notes IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(8); COMMIT;";
-    let mut locker = psql_command(&db, hold)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("psql holding the lock");
-    thread::sleep(Duration::from_millis(500));
+    let mut locker = hold_notes_lock(&db, 8);
     let socket: PathBuf = server.socket().to_path_buf();
     let post = {
         let socket = socket.clone();

@@ -245,12 +245,7 @@ fn each_request_waiting_on_a_locked_table_gets_one_record_naming_its_query() {
         return;
     };
     let db = server.db.pg.as_ref().expect("PostgreSQL").name.clone();
-    let hold = "BEGIN; LOCK TABLE notes IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3); COMMIT;";
-    let mut locker = psql_command(&db, hold)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("psql holding the lock");
-    thread::sleep(Duration::from_millis(500));
+    let mut locker = hold_notes_lock(&db, 3);
     let socket: PathBuf = server.socket_path().to_path_buf();
     let posts: Vec<_> = (0..3)
         .map(|i| {

@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -227,12 +226,7 @@ fn a_locked_table_shows_the_pool_at_its_limit_and_its_timeouts() {
         return;
     };
     let db = server.db.pg.as_ref().expect("PostgreSQL").name.clone();
-    let hold = "BEGIN; LOCK TABLE notes IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT;";
-    let mut locker = psql_command(&db, hold)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("psql holding the lock");
-    thread::sleep(Duration::from_millis(500));
+    let mut locker = hold_notes_lock(&db, 4);
     let socket: PathBuf = server.socket_path().to_path_buf();
     let posts: Vec<_> = (0..5)
         .map(|_| {

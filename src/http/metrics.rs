@@ -26,7 +26,7 @@ pub(crate) async fn render(slot: &Slot) -> Response<Full<Bytes>> {
         saturation.busy = saturation.busy.saturating_sub(1);
     }
     format_saturation(&mut text, &saturation);
-    format_lifecycle(&mut text, board);
+    format_lifecycle(&mut text, board, saturation.log_dropped);
     format_listen_queues(&mut text, &board.listeners());
     // Off the event loop: `smaps_rollup` costs 0.15–0.6 ms a process, and a
     // scrape reads every worker's (the worker's other connections go on).
@@ -309,8 +309,9 @@ fn format_restarts(out: &mut String, restarts: u64, split: Option<[u64; 3]>) {
     }
 }
 
-/// Build, generation and reloads.
-fn format_lifecycle(out: &mut String, board: &Scoreboard) {
+/// Build, restarts, dropped log lines (`workers_dropped`: the workers'
+/// own, from the slot sums already taken), generation and reloads.
+fn format_lifecycle(out: &mut String, board: &Scoreboard, workers_dropped: u64) {
     let _ = writeln!(
         out,
         "# HELP notesd_build_info The notesd version answering this scrape.\n# TYPE notesd_build_info gauge\nnotesd_build_info{{version=\"{}\"}} 1",
@@ -322,7 +323,7 @@ fn format_lifecycle(out: &mut String, board: &Scoreboard) {
         "notesd_log_lines_dropped_total",
         "counter",
         "Log lines that could not be written to log.file (a full disk): dropped, never waited for; logging resumes by itself.",
-        board.ext_totals().log_dropped + board.master_log_dropped(),
+        workers_dropped + board.master_log_dropped(),
     );
     single(
         out,

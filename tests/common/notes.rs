@@ -215,6 +215,20 @@ pub fn psql_command(dbname: &str, sql: &str) -> Command {
     cmd
 }
 
+/// `LOCK TABLE notes` held by psql on `dbname` for `secs` seconds, taken
+/// by the time this returns (it waits 500 ms); `wait()` on it to see it go.
+pub fn hold_notes_lock(dbname: &str, secs: u32) -> std::process::Child {
+    let hold = format!(
+        "BEGIN; LOCK TABLE notes IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({secs}); COMMIT;"
+    );
+    let locker = psql_command(dbname, &hold)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql holding the lock");
+    std::thread::sleep(Duration::from_millis(500));
+    locker
+}
+
 /// `psql_on` that must succeed; returns the trimmed stdout.
 pub fn psql_ok(dbname: &str, sql: &str) -> String {
     let out = psql_on(dbname, sql);
@@ -365,6 +379,15 @@ impl Client {
 }
 
 pub const JSON: (&str, &str) = ("Content-Type", "application/json");
+
+/// One request over a fresh connection to `socket` (JSON when it has a
+/// body) and how long its answer took.
+pub fn timed(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (Response, Duration) {
+    let t0 = std::time::Instant::now();
+    let headers: &[(&str, &str)] = if body.is_some() { &[JSON] } else { &[] };
+    let resp = Client::connect(socket).call(method, path, headers, body.map(str::as_bytes));
+    (resp, t0.elapsed())
+}
 
 /// Requests over a fresh connection to a `TestServer`.
 pub trait Api {

@@ -23,9 +23,13 @@ struct Sim {
 
 impl Sim {
     fn new(workers: u32) -> Sim {
+        Sim::with_config(config(workers))
+    }
+
+    fn with_config(config: Arc<Config>) -> Sim {
         let now = 100 * S;
         Sim {
-            state: State::new(config(workers), 64, now),
+            state: State::new(config, 64, now),
             now,
             next_pid: 1000,
             log: Vec::new(),
@@ -516,8 +520,7 @@ fn a_graceful_stop_closes_the_listeners_before_telling_the_workers() {
 fn with_shutdown_delay(secs: u64) -> Sim {
     let mut c = (*config(2)).clone();
     c.server.shutdown_delay = secs;
-    let mut sim = Sim::new(2);
-    sim.state = State::new(Arc::new(c), 64, sim.now);
+    let mut sim = Sim::with_config(Arc::new(c));
     sim.run(Event::Started);
     sim.ready_all_booting();
     sim
@@ -899,13 +902,7 @@ const MIB: u64 = 1 << 20;
 fn memory_sim(workers: u32) -> Sim {
     let mut c = (*config(workers)).clone();
     c.server.max_worker_memory = Some(crate::config::ByteSize(64 * MIB));
-    let now = 100 * S;
-    let mut sim = Sim {
-        state: State::new(Arc::new(c), 64, now),
-        now,
-        next_pid: 1000,
-        log: Vec::new(),
-    };
+    let mut sim = Sim::with_config(Arc::new(c));
     sim.run(Event::Started);
     sim.ready_all_booting();
     sim
