@@ -134,6 +134,11 @@ pub struct HttpConfig {
     /// `X-Request-Start` to now) is answered 503 "overloaded" at once (0 = off).
     #[serde(skip_serializing_if = "is_zero")]
     pub max_queue_ms: u64,
+    /// s an `Idempotency-Key` and the answer it got are kept (retries with
+    /// it within that time get the answer again). Not sent while it has its
+    /// default, so binaries from before the key still take the documents.
+    #[serde(skip_serializing_if = "is_default_idempotency_ttl")]
+    pub idempotency_ttl: u64,
 }
 
 /// `http.slow_request_ms` when left out.
@@ -141,6 +146,13 @@ pub const DEFAULT_SLOW_REQUEST_MS: u64 = 2_000;
 
 fn is_default_slow_request(n: &u64) -> bool {
     *n == DEFAULT_SLOW_REQUEST_MS
+}
+
+/// `http.idempotency_ttl` when left out: a day, as Stripe keeps its keys.
+pub const DEFAULT_IDEMPOTENCY_TTL: u64 = 86_400;
+
+fn is_default_idempotency_ttl(n: &u64) -> bool {
+    *n == DEFAULT_IDEMPOTENCY_TTL
 }
 
 impl Default for HttpConfig {
@@ -152,6 +164,7 @@ impl Default for HttpConfig {
             list_cache_ms: 250,
             slow_request_ms: DEFAULT_SLOW_REQUEST_MS,
             max_queue_ms: 0,
+            idempotency_ttl: DEFAULT_IDEMPOTENCY_TTL,
         }
     }
 }
@@ -607,6 +620,8 @@ impl Config {
         p.range("http.max_header_bytes", h.max_header_bytes, 1_024, 1 << 20);
         p.range("http.list_cache_ms", h.list_cache_ms, 0, 60_000);
         p.range("http.max_queue_ms", h.max_queue_ms, 0, 3_600_000);
+        // Up to a year: a key must outlive its client's retries, never forever.
+        p.range("http.idempotency_ttl", h.idempotency_ttl, 1, 366 * 86_400);
         if h.slow_request_ms != 0 {
             // Below 100 ms nearly every request would get a record.
             p.range("http.slow_request_ms", h.slow_request_ms, 100, 86_400_000);

@@ -13,7 +13,7 @@ pub(crate) const DEFAULT_TITLE: &str = "Untitled";
 /// Why input was refused (mapped to 422 at the HTTP edge).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
-pub struct Invalid {
+pub(crate) struct Invalid {
     pub field: String,
     pub message: String,
 }
@@ -27,10 +27,10 @@ fn invalid(field: &str, message: impl Into<String>) -> Invalid {
 
 /// A title of 1–160 Unicode scalar values (characters, not bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NoteTitle(String);
+pub(crate) struct NoteTitle(String);
 
 impl NoteTitle {
-    pub fn parse(s: &str) -> Result<NoteTitle, Invalid> {
+    pub(crate) fn parse(s: &str) -> Result<NoteTitle, Invalid> {
         let chars = s.chars().count();
         if s.trim().is_empty() {
             return Err(invalid("title", "must not be empty"));
@@ -47,31 +47,31 @@ impl NoteTitle {
         Ok(NoteTitle(s.to_string()))
     }
 
-    pub fn untitled() -> NoteTitle {
+    pub(crate) fn untitled() -> NoteTitle {
         NoteTitle(DEFAULT_TITLE.to_string())
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
 
 /// POST and PUT: a whole note.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewNote {
+pub(crate) struct NewNote {
     pub title: NoteTitle,
     pub body: Option<String>,
 }
 
 /// PATCH: only what is present changes; `body: Some(None)` clears the body.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct NotePatch {
+pub(crate) struct NotePatch {
     pub title: Option<NoteTitle>,
     pub body: Option<Option<String>>,
 }
 
 impl NotePatch {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.title.is_none() && self.body.is_none()
     }
 }
@@ -109,7 +109,7 @@ fn body(v: &Value) -> Result<Option<String>, Invalid> {
 
 impl NewNote {
     /// `{"title"?, "body"?}`: title defaults to "Untitled", body to null.
-    pub fn parse(v: &Value) -> Result<NewNote, Invalid> {
+    pub(crate) fn parse(v: &Value) -> Result<NewNote, Invalid> {
         let obj = object(v)?;
         Ok(NewNote {
             title: obj
@@ -123,7 +123,7 @@ impl NewNote {
 }
 
 impl NotePatch {
-    pub fn parse(v: &Value) -> Result<NotePatch, Invalid> {
+    pub(crate) fn parse(v: &Value) -> Result<NotePatch, Invalid> {
         let obj = object(v)?;
         Ok(NotePatch {
             title: obj.get("title").map(title).transpose()?,

@@ -277,7 +277,7 @@ fn migrate_through_a_transaction_pooler_and_migrate_url() {
             "notesd",
             "SELECT count(*) FROM _sqlx_migrations WHERE success"
         ),
-        "1"
+        common::notes::MIGRATIONS.to_string()
     );
     assert_eq!(
         cluster.sql(

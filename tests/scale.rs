@@ -305,6 +305,202 @@ fn a_rolling_reload_of_every_host_fails_no_request() {
     farm.rolling_reload_under_load("roll", Duration::from_millis(700));
 }
 
+// b2 ------------------------------------------------------------------------
+
+const KEYED_THREADS: usize = 8;
+const KEYED_ATTEMPTS: usize = 60;
+
+/// What one client's keyed POSTs came to.
+#[derive(Default)]
+struct Keyed {
+    /// (title = key, id of its final 201)
+    done: Vec<(String, i64)>,
+    /// POSTs that needed more than one attempt.
+    retried: usize,
+    /// Attempts answered 409 (the key's first request still running).
+    conflicts: usize,
+    /// Attempts that failed otherwise (502, a closed connection, 503).
+    failed_attempts: usize,
+    /// Final 201s that were replays.
+    replays: usize,
+}
+
+/// One client: POSTs until `stop`, each with its own key (also its title),
+/// retried with that key on a fresh connection (so on any host) after any
+/// failure, up to [`KEYED_ATTEMPTS`] times, 100 ms apart.
+fn keyed_posts(
+    addr: std::net::SocketAddr,
+    t: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Keyed {
+    let mut out = Keyed::default();
+    let mut client = None;
+    let mut i = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let key = format!("key-t{t}-{i}");
+        i += 1;
+        let body = json!({"title": key}).to_string();
+        let mut attempts = 0;
+        let id = loop {
+            attempts += 1;
+            assert!(
+                attempts <= KEYED_ATTEMPTS,
+                "{key}: no 201 in {KEYED_ATTEMPTS} attempts"
+            );
+            let c = match client.as_mut().filter(|c: &&mut TcpClient| !c.closed) {
+                Some(c) => c,
+                None => match TcpClient::connect(addr, CLIENT_TIMEOUT) {
+                    Ok(c) => client.insert(c),
+                    Err(_) => {
+                        out.failed_attempts += 1;
+                        thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                },
+            };
+            let headers = [JSON, ("Idempotency-Key", key.as_str())];
+            match c.request("POST", "/api/notes", &headers, Some(body.as_bytes())) {
+                Ok(r) if r.status == 201 => {
+                    if r.header("idempotent-replayed") == Some("true") {
+                        out.replays += 1;
+                    }
+                    break serde_json::from_str::<Value>(&r.body).expect("json")["id"]
+                        .as_i64()
+                        .expect("an id");
+                }
+                Ok(r) if r.status == 409 => out.conflicts += 1,
+                Ok(r) => {
+                    assert!(
+                        matches!(r.status, 502..=504),
+                        "{key}: only 201, 409 or a gateway/unavailable error: {r:?}"
+                    );
+                    out.failed_attempts += 1;
+                }
+                Err(_) => out.failed_attempts += 1,
+            }
+            // Retry on a new connection: nginx may pick any host.
+            client = None;
+            thread::sleep(Duration::from_millis(100));
+        };
+        out.retried += usize::from(attempts > 1);
+        out.done.push((key, id));
+    }
+    out
+}
+
+/// Clients POST with keys through nginx; a lock held on `notes` piles POSTs
+/// up in flight on every host, and one host is SIGKILLed then. Each client
+/// retries a failed POST with its key until it gets a 201: every POST ends
+/// with exactly one note, the id its 201 named, 0 duplicates, 0 lost.
+#[test]
+fn a_host_lost_mid_post_costs_nothing_when_clients_retry_with_keys() {
+    let _heavy = heavy();
+    let Some(mut farm) = farm("scale_keys") else {
+        return;
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = farm.nginx.addr();
+    let clients: Vec<_> = (0..KEYED_THREADS)
+        .map(|t| {
+            let stop = stop.clone();
+            thread::spawn(move || keyed_posts(addr, t, &stop))
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(1000));
+    // Hold the table for 1.5 s: the POSTs sent meanwhile wait in flight.
+    let locker = {
+        let url_sock = farm.cluster.socket_dir.clone();
+        thread::spawn(move || {
+            let out = std::process::Command::new("psql")
+                .args(["-X", "-q", "-h"])
+                .arg(&url_sock)
+                .args(["-U", "postgres", "-d", "notesd", "-c"])
+                .arg("BEGIN; LOCK TABLE notes IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(1.5); COMMIT;")
+                .output()
+                .expect("psql");
+            assert!(
+                out.status.success(),
+                "lock: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        })
+    };
+    thread::sleep(Duration::from_millis(700));
+    let victim = &mut farm.hosts[1];
+    for pid in all_pids(&victim.status()) {
+        send_signal(pid, Signal::SIGKILL);
+    }
+    victim.kill_master();
+    locker.join().expect("the lock holder");
+    thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut all = Keyed::default();
+    for c in clients {
+        let k = c.join().expect("a keyed client (see its panic)");
+        all.done.extend(k.done);
+        all.retried += k.retried;
+        all.conflicts += k.conflicts;
+        all.failed_attempts += k.failed_attempts;
+        all.replays += k.replays;
+    }
+    let stored: std::collections::BTreeMap<String, (i64, i64)> = farm
+        .cluster
+        .sql(
+            "notesd",
+            "SELECT title || ' ' || count(*) || ' ' || min(id) FROM notes GROUP BY title",
+        )
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split(' ');
+            Some((
+                w.next()?.to_string(),
+                (w.next()?.parse().ok()?, w.next()?.parse().ok()?),
+            ))
+        })
+        .collect();
+    let duplicates: Vec<_> = stored.iter().filter(|(_, (n, _))| *n > 1).collect();
+    let lost: Vec<_> = all
+        .done
+        .iter()
+        .filter(|(k, _)| !stored.contains_key(k))
+        .collect();
+    let wrong: Vec<_> = all
+        .done
+        .iter()
+        .filter(|(k, id)| stored.get(k).is_some_and(|(_, stored_id)| stored_id != id))
+        .collect();
+    eprintln!(
+        "SCALE keys: {} POSTs, {} retried ({} failed attempts, {} × 409), {} answered by a \
+         replay; {} notes, {} duplicated, {} lost",
+        all.done.len(),
+        all.retried,
+        all.failed_attempts,
+        all.conflicts,
+        all.replays,
+        stored.len(),
+        duplicates.len(),
+        lost.len()
+    );
+    assert!(
+        duplicates.is_empty(),
+        "POSTs that made two notes: {duplicates:?}"
+    );
+    assert!(lost.is_empty(), "POSTs answered 201 with no note: {lost:?}");
+    assert!(
+        wrong.is_empty(),
+        "201s naming another note than the stored one: {wrong:?}"
+    );
+    assert_eq!(
+        stored.len(),
+        all.done.len(),
+        "one note per POST, no stray note"
+    );
+    assert!(
+        all.failed_attempts > 0,
+        "the kill failed no attempt: the test did not exercise the retry"
+    );
+}
+
 // c -------------------------------------------------------------------------
 
 const PAIRS: usize = 10_000;

@@ -45,6 +45,12 @@ pub(crate) enum ApiError {
         "overloaded: the request waited {waited_ms} ms in the queue (max_queue_ms = {max_ms}); retry"
     )]
     Overloaded { waited_ms: u64, max_ms: u64 },
+    /// An `Idempotency-Key` held by a request still running.
+    #[error("a request with this Idempotency-Key is still being processed; retry later")]
+    KeyInUse,
+    /// An `Idempotency-Key` already used for another request.
+    #[error("this Idempotency-Key was already used for a different request (method, path or body)")]
+    KeyReused,
     #[error("internal error")]
     Internal,
 }
@@ -59,7 +65,8 @@ impl ApiError {
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Invalid(_) | ApiError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::KeyInUse => StatusCode::CONFLICT,
             ApiError::Unavailable
             | ApiError::DatabaseTimeout
             | ApiError::Timeout(_)
@@ -84,20 +91,26 @@ impl ApiError {
             ApiError::StorageFull => "storage_full",
             ApiError::Timeout(_) => "timeout",
             ApiError::Overloaded { .. } => "overloaded",
+            ApiError::KeyInUse => "idempotency_key_in_use",
+            ApiError::KeyReused => "idempotency_key_reused",
             ApiError::Internal => "internal",
         }
     }
 
-    pub(crate) fn into_response(self) -> Response<Full<Bytes>> {
-        let body = serde_json::json!({
+    /// `{"error": {"code", "message"}}`, encoded.
+    pub(crate) fn body(&self) -> Bytes {
+        super::json_bytes(&serde_json::json!({
             "error": {"code": self.code(), "message": self.to_string()}
-        });
-        let mut resp = super::json(self.status(), &body);
+        }))
+    }
+
+    pub(crate) fn into_response(self) -> Response<Full<Bytes>> {
+        let mut resp = super::json_response(self.status(), self.body());
         if let ApiError::MethodNotAllowed { allow } = self {
             resp.headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(allow));
         }
-        if let ApiError::Overloaded { .. } = self {
+        if let ApiError::Overloaded { .. } | ApiError::KeyInUse = self {
             resp.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -3,6 +3,7 @@
 
 pub(crate) mod error;
 pub(crate) mod host;
+pub(crate) mod idempotency;
 pub(crate) mod list_cache;
 pub(crate) mod metrics;
 pub(crate) mod notes;
@@ -31,6 +32,8 @@ pub(crate) struct AppState {
     pub max_body_bytes: u64,
     /// Pages of `GET /api/notes` until the next write (`http.list_cache_ms`).
     pub list_cache: list_cache::ListCache,
+    /// `http.idempotency_ttl`, in seconds.
+    pub idempotency_ttl: i64,
     /// Test-only routes under /debug (env NOTESD_DEBUG_ROUTES=1; never in production).
     pub debug_routes: bool,
 }
@@ -40,6 +43,23 @@ impl AppState {
     /// finished, failed or was cut short) cached list pages are stale.
     pub(crate) fn writing(&self) -> Writing<'_> {
         Writing(self)
+    }
+}
+
+impl AppState {
+    /// `key` standing for this request (method, path, JSON body).
+    pub(crate) fn claim(
+        &self,
+        key: crate::store::idempotency::IdempotencyKey,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> crate::store::idempotency::Claim {
+        crate::store::idempotency::Claim {
+            key,
+            fingerprint: crate::store::idempotency::fingerprint(method, path, body),
+            ttl_secs: self.idempotency_ttl,
+        }
     }
 }
 
@@ -130,7 +150,7 @@ pub(crate) async fn route(
                 Method::GET | Method::HEAD => notes::get(app, id).await,
                 Method::PUT => notes::put(app, id, req, deadline).await,
                 Method::PATCH => notes::patch(app, id, req, deadline).await,
-                Method::DELETE => notes::delete(app, id).await,
+                Method::DELETE => notes::delete(app, id, &req).await,
                 _ => Err(ApiError::MethodNotAllowed { allow: ALLOW_NOTE }),
             }
         }

@@ -1,18 +1,20 @@
 //! Notes handlers: JSON in → domain → store → JSON out.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, LINK, LOCATION, TRANSFER_ENCODING};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, LINK, TRANSFER_ENCODING};
 use hyper::{Request, Response, StatusCode};
 use serde_json::Value;
 use tokio::time::Instant;
 
 use super::list_cache::Page;
-use super::{ApiError, AppState, Body, json};
-use crate::domain::{NewNote, Note, NotePatch};
+use super::{ApiError, AppState, Body, idempotency, json};
+use crate::domain::{NewNote, NotePatch};
 use crate::scoreboard::ext::{self, CacheEvent};
 use crate::scoreboard::phase::{self, Step};
+use crate::store::idempotency::{Claim, Once, Stored};
+use crate::store::notes::{Write, Written};
 
 pub(crate) const DEFAULT_LIMIT: i64 = 50;
 pub(crate) const MAX_LIMIT: i64 = 200;
@@ -134,31 +136,22 @@ pub(crate) async fn create(
     req: Request<Incoming>,
     deadline: Instant,
 ) -> Result<Response<Body>, ApiError> {
+    let key = idempotency::key(req.headers())?;
     let value = read_json(app, req, deadline).await?;
     let note = NewNote::parse(&value)?;
-    let _writing = app.writing();
-    let id = app.store.create_note(&note).await?;
-    let mut resp = json(StatusCode::CREATED, &serde_json::json!({"id": id}));
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/notes/{id}")) {
-        resp.headers_mut().insert(LOCATION, v);
-    }
-    Ok(resp)
+    let claim = key.map(|k| app.claim(k, "POST", "/api/notes", Some(&value)));
+    write(app, claim, Write::Create(&note), 0).await
 }
 
 fn not_found(id: i64) -> ApiError {
     ApiError::NotFound(format!("note {id} does not exist"))
 }
 
-/// The note as 200 JSON, or 404 when the store found none.
-fn found(id: i64, note: Option<Note>) -> Result<Response<Body>, ApiError> {
-    match note {
+pub(crate) async fn get(app: &AppState, id: i64) -> Result<Response<Body>, ApiError> {
+    match app.store.get_note(id).await? {
         Some(n) => Ok(json(StatusCode::OK, &n)),
         None => Err(not_found(id)),
     }
-}
-
-pub(crate) async fn get(app: &AppState, id: i64) -> Result<Response<Body>, ApiError> {
-    found(id, app.store.get_note(id).await?)
 }
 
 pub(crate) async fn put(
@@ -167,10 +160,12 @@ pub(crate) async fn put(
     req: Request<Incoming>,
     deadline: Instant,
 ) -> Result<Response<Body>, ApiError> {
+    let key = idempotency::key(req.headers())?;
+    let path = req.uri().path().to_string();
     let value = read_json(app, req, deadline).await?;
     let note = NewNote::parse(&value)?;
-    let _writing = app.writing();
-    found(id, app.store.put_note(id, &note).await?)
+    let claim = key.map(|k| app.claim(k, "PUT", &path, Some(&value)));
+    write(app, claim, Write::Put(id, &note), id).await
 }
 
 pub(crate) async fn patch(
@@ -179,26 +174,70 @@ pub(crate) async fn patch(
     req: Request<Incoming>,
     deadline: Instant,
 ) -> Result<Response<Body>, ApiError> {
+    let key = idempotency::key(req.headers())?;
+    let path = req.uri().path().to_string();
     let value = read_json(app, req, deadline).await?;
     let patch = NotePatch::parse(&value)?;
-    let updated = if patch.is_empty() {
-        app.store.get_note(id).await?
-    } else {
-        let _writing = app.writing();
-        app.store.patch_note(id, &patch).await?
-    };
-    found(id, updated)
+    let claim = key.map(|k| app.claim(k, "PATCH", &path, Some(&value)));
+    write(app, claim, Write::Patch(id, &patch), id).await
 }
 
-pub(crate) async fn delete(app: &AppState, id: i64) -> Result<Response<Body>, ApiError> {
-    let _writing = app.writing();
-    if app.store.delete_note(id).await? {
-        let mut resp = Response::new(Full::new(Bytes::new()));
-        *resp.status_mut() = StatusCode::NO_CONTENT;
-        Ok(resp)
-    } else {
-        Err(not_found(id))
+pub(crate) async fn delete(
+    app: &AppState,
+    id: i64,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let claim =
+        idempotency::key(req.headers())?.map(|k| app.claim(k, "DELETE", req.uri().path(), None));
+    write(app, claim, Write::Delete(id), id).await
+}
+
+/// Do write `w` (on note `id`; 0 for a create): plain without a key, at
+/// most once with one (see `store::idempotency`).
+async fn write(
+    app: &AppState,
+    claim: Option<Claim>,
+    w: Write<'_>,
+    id: i64,
+) -> Result<Response<Body>, ApiError> {
+    // An empty patch writes nothing, so cached list pages stay good.
+    let _writing = (!matches!(w, Write::Patch(_, p) if p.is_empty())).then(|| app.writing());
+    let Some(claim) = claim else {
+        let written = app.store.write(w).await?;
+        return answer(&written, id).map(|a| idempotency::response(a, false));
+    };
+    let once = app
+        .store
+        .write_once(&claim, w, |written| {
+            answer(written, id).unwrap_or_else(|e| idempotency::stored_error(&e))
+        })
+        .await?;
+    match once {
+        Once::Done(a) => Ok(idempotency::response(a, false)),
+        Once::Replay(a) => Ok(idempotency::response(a, true)),
+        Once::InProgress => Err(ApiError::KeyInUse),
+        Once::Mismatch => Err(ApiError::KeyReused),
     }
+}
+
+/// What a write answers: 201 `{"id"}` + `Location`, 200 and the note, 204,
+/// or 404 when there is no note `id`.
+fn answer(written: &Written, id: i64) -> Result<Stored, ApiError> {
+    let (status, body, location) = match written {
+        Written::Created(new) => (
+            StatusCode::CREATED,
+            format!("{{\"id\":{new}}}").into_bytes(),
+            Some(format!("/api/notes/{new}")),
+        ),
+        Written::Note(Some(n)) => (StatusCode::OK, super::json_bytes(n).to_vec(), None),
+        Written::Deleted(true) => (StatusCode::NO_CONTENT, Vec::new(), None),
+        Written::Note(None) | Written::Deleted(false) => return Err(not_found(id)),
+    };
+    Ok(Stored {
+        status: status.as_u16(),
+        body,
+        location,
+    })
 }
 
 /// Is this `Content-Type` JSON (`application/json`, any parameters, any case)?

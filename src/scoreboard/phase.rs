@@ -68,10 +68,15 @@ pub(crate) enum Query {
     CommitToken = 7,
     /// `/readyz`'s `SELECT 1`.
     SelectOne = 8,
+    /// A write under an `Idempotency-Key`: claim, write and answer in one
+    /// transaction (see `store::idempotency`).
+    KeyedWrite = 9,
+    /// A worker's purge of expired idempotency keys.
+    PurgeKeys = 10,
 }
 
 impl Query {
-    const ALL: [Query; 8] = [
+    const ALL: [Query; 10] = [
         Query::ListNotes,
         Query::GetNote,
         Query::InsertNote,
@@ -80,6 +85,8 @@ impl Query {
         Query::DeleteNote,
         Query::CommitToken,
         Query::SelectOne,
+        Query::KeyedWrite,
+        Query::PurgeKeys,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -92,6 +99,8 @@ impl Query {
             Query::DeleteNote => "delete_note",
             Query::CommitToken => "commit_token",
             Query::SelectOne => "select_one",
+            Query::KeyedWrite => "keyed_write",
+            Query::PurgeKeys => "purge_keys",
         }
     }
 

@@ -19,21 +19,29 @@ use super::{Store, StoreError};
 use crate::config::Backend;
 
 /// (version, description, postgres sql, sqlite sql), in order.
-const MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
-    1,
-    "create notes",
-    include_str!("../../migrations/postgres/0001_create_notes.sql"),
-    include_str!("../../migrations/sqlite/0001_create_notes.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
+    (
+        1,
+        "create notes",
+        include_str!("../../migrations/postgres/0001_create_notes.sql"),
+        include_str!("../../migrations/sqlite/0001_create_notes.sql"),
+    ),
+    (
+        2,
+        "idempotency keys",
+        include_str!("../../migrations/postgres/0002_idempotency_keys.sql"),
+        include_str!("../../migrations/sqlite/0002_idempotency_keys.sql"),
+    ),
+];
 
 /// A migration the test suite's "newer" build adds (a build with
 /// `NOTESD_TEST_VARIANT` containing `compatible-migration`): backward-compatible,
 /// so the binaries before it keep serving and a rollback across it works.
 const TEST_MIGRATION: (i64, &str, &str, &str) = (
-    2,
+    3,
     "test: index notes by title",
-    include_str!("../../tests/fixtures/migrations/postgres/0002_test_index_title.sql"),
-    include_str!("../../tests/fixtures/migrations/sqlite/0002_test_index_title.sql"),
+    include_str!("../../tests/fixtures/migrations/postgres/0003_test_index_title.sql"),
+    include_str!("../../tests/fixtures/migrations/sqlite/0003_test_index_title.sql"),
 );
 
 /// The first-line header that marks a migration backward-compatible: binaries

@@ -7,6 +7,7 @@
 //! `notesd migrate`) or ahead (a newer binary migrated it) of this binary.
 
 pub(crate) mod health;
+pub(crate) mod idempotency;
 pub mod migrate;
 pub(crate) mod notes;
 pub(crate) mod pool;

@@ -6,6 +6,7 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
+use super::idempotency::{Claim, Once, Stored};
 use super::{Store, StoreError, health};
 use crate::domain::{NewNote, Note, NotePatch, NoteRef, Timestamp};
 use crate::scoreboard::phase::{self, Query, Step};
@@ -18,6 +19,13 @@ struct Sql {
     put: &'static str,
     patch: &'static str,
     delete: &'static str,
+    /// Keyed writes (`store::idempotency`): how a transaction begins, the
+    /// claim, the lookup of a key already there, its answer, the purge.
+    begin: &'static str,
+    claim: &'static str,
+    lookup: &'static str,
+    answer: &'static str,
+    purge: &'static str,
 }
 
 /// Columns every read returns, in `note()`'s order.
@@ -66,7 +74,31 @@ const PG: Sql = Sql {
         pg_cols!()
     ),
     delete: "DELETE FROM notes WHERE id = $1",
+    begin: "BEGIN",
+    // 0: another transaction holds the key (its request still runs);
+    // 1: claimed (new, or its old answer expired); 2: answered before.
+    // The advisory lock makes a duplicate answer 409 at once instead of
+    // waiting on the first one's uncommitted row.
+    claim: "WITH lock AS (SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS got), \
+            claim AS (INSERT INTO idempotency_keys (key, fingerprint, expires_at) \
+              SELECT $1, $2, now() + $3::float8 * interval '1 second' FROM lock WHERE got \
+              ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, \
+                status = NULL, body = NULL, location = NULL, created_at = now(), \
+                expires_at = excluded.expires_at \
+              WHERE idempotency_keys.expires_at <= now() \
+              RETURNING 1) \
+            SELECT CASE WHEN NOT (SELECT got FROM lock) THEN 0::int8 \
+              WHEN EXISTS (SELECT 1 FROM claim) THEN 1::int8 ELSE 2::int8 END",
+    lookup: KEY_LOOKUP,
+    answer: KEY_ANSWER,
+    purge: "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys \
+            WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED)",
 };
+
+const KEY_LOOKUP: &str =
+    "SELECT fingerprint, status, body, location FROM idempotency_keys WHERE key = $1";
+const KEY_ANSWER: &str =
+    "UPDATE idempotency_keys SET status = $2, body = $3, location = $4 WHERE key = $1";
 
 const LITE: Sql = Sql {
     list: concat!(
@@ -96,6 +128,21 @@ const LITE: Sql = Sql {
         lite_cols!()
     ),
     delete: "DELETE FROM notes WHERE id = $1",
+    // Takes the database's write lock at once: same-key requests queue
+    // behind it (busy_timeout) and the second finds the first's answer.
+    begin: "BEGIN IMMEDIATE",
+    // A row: claimed (1); none: answered before.
+    claim: "INSERT INTO idempotency_keys (key, fingerprint, expires_at) \
+            VALUES ($1, $2, CAST(strftime('%s', 'now') AS INTEGER) + $3) \
+            ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, \
+              status = NULL, body = NULL, location = NULL, \
+              created_at = CAST(strftime('%s', 'now') AS INTEGER), expires_at = excluded.expires_at \
+            WHERE idempotency_keys.expires_at <= CAST(strftime('%s', 'now') AS INTEGER) \
+            RETURNING 1",
+    lookup: KEY_LOOKUP,
+    answer: KEY_ANSWER,
+    purge: "DELETE FROM idempotency_keys WHERE rowid IN (SELECT rowid FROM idempotency_keys \
+            WHERE expires_at <= CAST(strftime('%s', 'now') AS INTEGER) LIMIT $1)",
 };
 
 /// Run `$body` with `$conn` bound to a pooled connection, `$sql` to the
@@ -106,7 +153,7 @@ const LITE: Sql = Sql {
 /// `write`: the connection is pinged first on PostgreSQL; never retried
 /// (see [`health`]).
 macro_rules! with_conn {
-    (read $query:ident, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {{
+    (read $query:expr, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {{
         let mut retried = false;
         loop {
             match with_conn!(@run $query, acquire, $store, |$conn, $sql, $note| $body) {
@@ -121,11 +168,11 @@ macro_rules! with_conn {
             }
         }
     }};
-    (write $query:ident, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
+    (write $query:expr, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
         with_conn!(@run $query, acquire_live, $store, |$conn, $sql, $note| $body)
             .map_err(Failed::into_store)
     };
-    (@run $query:ident, $acquire:ident, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
+    (@run $query:expr, $acquire:ident, $store:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
         match $store {
             Store::Postgres(pool) => {
                 with_conn!(@on $query, pool.$acquire(), pool.statement_timeout(), &PG,
@@ -141,13 +188,13 @@ macro_rules! with_conn {
     // then running the named query, then back in notesd's own code. The
     // query is bounded by `database.statement_timeout_ms`: past it, the
     // connection is closed (never reused mid-query) and the request gets 503.
-    (@on $query:ident, $acquire:expr, $bound:expr, $sql_set:expr, $decoder:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
+    (@on $query:expr, $acquire:expr, $bound:expr, $sql_set:expr, $decoder:expr, |$conn:ident, $sql:ident, $note:ident| $body:expr) => {
         async {
             phase::enter(Step::WaitingPool, None);
             let acquired = $acquire.await;
             phase::enter(Step::Handling, None);
             let mut pooled = acquired.map_err(Failed::Db)?;
-            phase::enter(Step::Query, Some(Query::$query));
+            phase::enter(Step::Query, Some($query));
             let run = async {
                 let $conn = &mut *pooled;
                 #[allow(unused_variables)]
@@ -208,6 +255,92 @@ impl Failed {
 /// one rule for both backends at no extra round trip.
 fn committed_row<R>(rows: Vec<R>) -> Option<R> {
     rows.into_iter().next()
+}
+
+/// A write to a note, as a handler asks for it: plain ([`Store::write`]) or
+/// under an `Idempotency-Key` ([`Store::write_once`]), the same statements.
+#[derive(Clone, Copy)]
+pub(crate) enum Write<'a> {
+    Create(&'a NewNote),
+    Put(i64, &'a NewNote),
+    /// An empty patch changes nothing: the note is only read.
+    Patch(i64, &'a NotePatch),
+    Delete(i64),
+}
+
+impl Write<'_> {
+    fn query(&self) -> Query {
+        match self {
+            Write::Create(_) => Query::InsertNote,
+            Write::Put(..) => Query::PutNote,
+            Write::Patch(..) => Query::PatchNote,
+            Write::Delete(_) => Query::DeleteNote,
+        }
+    }
+}
+
+/// What a write did.
+#[derive(Debug)]
+pub(crate) enum Written {
+    /// The new note's id.
+    Created(i64),
+    /// The note after a put or patch; `None`: there is no such note.
+    Note(Option<Note>),
+    /// Whether a note was deleted.
+    Deleted(bool),
+}
+
+/// Run write `$w` on `$exec` (a connection or a transaction); the
+/// [`Written`]. `?` raises `sqlx::Error`s. Every write reads all its rows
+/// (see [`committed_row`]); `execute` steps a DELETE to its end.
+macro_rules! run_write {
+    ($w:expr, $exec:expr, $sql:ident, $note:ident) => {
+        match $w {
+            Write::Create(n) => {
+                let rows = sqlx::query($sql.insert)
+                    .bind(n.title.as_str())
+                    .bind(n.body.as_deref())
+                    .fetch_all($exec)
+                    .await?;
+                Written::Created(
+                    committed_row(rows)
+                        .ok_or(sqlx::Error::RowNotFound)?
+                        .try_get::<i64, _>(0)?,
+                )
+            }
+            Write::Put(id, n) => {
+                let rows = sqlx::query($sql.put)
+                    .bind(id)
+                    .bind(n.title.as_str())
+                    .bind(n.body.as_deref())
+                    .fetch_all($exec)
+                    .await?;
+                Written::Note(committed_row(rows).as_ref().map($note).transpose()?)
+            }
+            Write::Patch(id, patch) if patch.is_empty() => {
+                let row = sqlx::query($sql.get).bind(id).fetch_optional($exec).await?;
+                Written::Note(row.as_ref().map($note).transpose()?)
+            }
+            Write::Patch(id, patch) => {
+                let rows = sqlx::query($sql.patch)
+                    .bind(id)
+                    .bind(patch.title.as_ref().map(|t| t.as_str()))
+                    .bind(patch.body.is_some())
+                    .bind(patch.body.as_ref().and_then(|b| b.as_deref()))
+                    .fetch_all($exec)
+                    .await?;
+                Written::Note(committed_row(rows).as_ref().map($note).transpose()?)
+            }
+            Write::Delete(id) => Written::Deleted(
+                sqlx::query($sql.delete)
+                    .bind(id)
+                    .execute($exec)
+                    .await?
+                    .rows_affected()
+                    > 0,
+            ),
+        }
+    };
 }
 
 /// A note, owned: what the by-id read and the writes return (checked).
@@ -347,7 +480,7 @@ impl Store {
         F: FnMut(NoteRef<'_>),
     {
         let fetch = limit + 1;
-        with_conn!(read ListNotes, self, |p, sql, note| {
+        with_conn!(read Query::ListNotes, self, |p, sql, note| {
             let rows = match before {
                 Some(b) => {
                     sqlx::query(sql.list_before)
@@ -376,7 +509,7 @@ impl Store {
 
     /// `pg_current_snapshot()` as text (see [`super::CommitToken`]).
     pub(super) async fn pg_snapshot(&self) -> Result<String, StoreError> {
-        with_conn!(read CommitToken, self, |p, sql, note| {
+        with_conn!(read Query::CommitToken, self, |p, sql, note| {
             sqlx::query_scalar::<_, String>("SELECT pg_current_snapshot()::text")
                 .fetch_one(p)
                 .await?
@@ -384,71 +517,97 @@ impl Store {
     }
 
     pub async fn get_note(&self, id: i64) -> Result<Option<Note>, StoreError> {
-        with_conn!(read GetNote, self, |p, sql, note| {
+        with_conn!(read Query::GetNote, self, |p, sql, note| {
             let row = sqlx::query(sql.get).bind(id).fetch_optional(p).await?;
             row.as_ref().map(note).transpose()?
         })
     }
 
-    /// Insert and commit; returns the new id.
-    pub async fn create_note(&self, n: &NewNote) -> Result<i64, StoreError> {
-        with_conn!(write InsertNote, self, |p, sql, note| {
-            let rows = sqlx::query(sql.insert)
-                .bind(n.title.as_str())
-                .bind(n.body.as_deref())
-                .fetch_all(p)
-                .await?;
-            committed_row(rows)
-                .ok_or(sqlx::Error::RowNotFound)?
-                .try_get::<i64, _>(0)?
+    /// A write to a note, committed when it returns Ok (see
+    /// [`committed_row`]).
+    pub(crate) async fn write(&self, w: Write<'_>) -> Result<Written, StoreError> {
+        with_conn!(write w.query(), self, |p, sql, note| run_write!(w, p, sql, note))
+    }
+
+    /// A write under an `Idempotency-Key`, done at most once per key: the
+    /// key is claimed, the write runs and `answer` (its HTTP answer, made
+    /// by the caller) is stored with the key, all in one transaction. So a
+    /// key's note and its answer commit together or not at all; a worker
+    /// or host lost midway leaves neither, and the retry starts afresh.
+    pub(crate) async fn write_once<F>(
+        &self,
+        claim: &Claim,
+        w: Write<'_>,
+        answer: F,
+    ) -> Result<Once, StoreError>
+    where
+        F: FnOnce(&Written) -> Stored,
+    {
+        with_conn!(write Query::KeyedWrite, self, |p, sql, note| {
+            let mut tx = sqlx::Connection::begin_with(p, sql.begin).await?;
+            let claimed = sqlx::query(sql.claim)
+                .bind(claim.key.as_str())
+                .bind(&claim.fingerprint[..])
+                .bind(claim.ttl_secs)
+                .fetch_all(&mut *tx)
+                .await?
+                .first()
+                .map(|r| r.try_get::<i64, _>(0))
+                .transpose()?
+                .unwrap_or(2);
+            match claimed {
+                1 => {
+                    let written = run_write!(w, &mut *tx, sql, note);
+                    let stored = answer(&written);
+                    sqlx::query(sql.answer)
+                        .bind(claim.key.as_str())
+                        .bind(i32::from(stored.status))
+                        .bind(&stored.body[..])
+                        .bind(stored.location.as_deref())
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    Once::Done(stored)
+                }
+                0 => {
+                    tx.rollback().await?;
+                    Once::InProgress
+                }
+                _ => {
+                    let row = sqlx::query(sql.lookup)
+                        .bind(claim.key.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    tx.rollback().await?;
+                    match row {
+                        Some(r) => claim.compare(
+                            r.try_get::<Vec<u8>, _>(0)?,
+                            r.try_get::<Option<i32>, _>(1)?,
+                            r.try_get::<Option<Vec<u8>>, _>(2)?,
+                            r.try_get::<Option<String>, _>(3)?,
+                        ),
+                        // Purged between the claim and the lookup: the
+                        // client retries and claims it afresh.
+                        None => Once::InProgress,
+                    }
+                }
+            }
         })
     }
 
-    /// Replace title and body; `None` when the note does not exist.
-    pub async fn put_note(&self, id: i64, n: &NewNote) -> Result<Option<Note>, StoreError> {
-        with_conn!(write PutNote, self, |p, sql, note| {
-            let rows = sqlx::query(sql.put)
-                .bind(id)
-                .bind(n.title.as_str())
-                .bind(n.body.as_deref())
-                .fetch_all(p)
-                .await?;
-            committed_row(rows).as_ref().map(note).transpose()?
-        })
-    }
-
-    pub async fn patch_note(&self, id: i64, patch: &NotePatch) -> Result<Option<Note>, StoreError> {
-        let title = patch.title.as_ref().map(|t| t.as_str());
-        let set_body = patch.body.is_some();
-        let body = patch.body.clone().flatten();
-        with_conn!(write PatchNote, self, |p, sql, note| {
-            let rows = sqlx::query(sql.patch)
-                .bind(id)
-                .bind(title)
-                .bind(set_body)
-                .bind(body.as_deref())
-                .fetch_all(p)
-                .await?;
-            committed_row(rows).as_ref().map(note).transpose()?
-        })
-    }
-
-    /// `true` when a note was deleted. `execute` steps the statement to its
-    /// end, so the commit's outcome is its result.
-    pub async fn delete_note(&self, id: i64) -> Result<bool, StoreError> {
-        with_conn!(write DeleteNote, self, |p, sql, note| {
-            sqlx::query(sql.delete)
-                .bind(id)
+    /// Delete up to `batch` expired idempotency keys; how many went.
+    pub(crate) async fn purge_keys(&self, batch: i64) -> Result<u64, StoreError> {
+        with_conn!(write Query::PurgeKeys, self, |p, sql, note| {
+            sqlx::query(sql.purge)
+                .bind(batch)
                 .execute(p)
                 .await?
                 .rows_affected()
-                > 0
         })
     }
-
     /// `SELECT 1` (readiness).
     pub(super) async fn select_one(&self) -> Result<(), StoreError> {
-        with_conn!(read SelectOne, self, |p, sql, note| {
+        with_conn!(read Query::SelectOne, self, |p, sql, note| {
             sqlx::query("SELECT 1").execute(p).await.map(|_| ())?
         })
     }

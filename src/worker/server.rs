@@ -190,6 +190,7 @@ impl Shared {
                 slot: slot.clone(),
                 max_body_bytes: config.http.max_body_bytes,
                 list_cache: ListCache::new(Duration::from_millis(config.http.list_cache_ms)),
+                idempotency_ttl: i64::try_from(config.http.idempotency_ttl).unwrap_or(i64::MAX),
                 debug_routes: debug_routes(),
             },
             config,
@@ -234,6 +235,49 @@ fn jitter(pid: u32, jitter: u64) -> u64 {
     x % (jitter + 1)
 }
 
+/// Rows one purge statement deletes at most: a short statement, so a write
+/// queued behind it (SQLite's write lock) waits milliseconds, not seconds.
+const PURGE_BATCH: i64 = 500;
+
+/// How often a worker purges expired idempotency keys: every
+/// `http.idempotency_ttl`, at least every second and at most every minute,
+/// plus up to half that again at random, so the workers (and the hosts on
+/// one database) spread their purges. Batches follow each other until one
+/// finds fewer than [`PURGE_BATCH`] rows. Requests never wait for it: an
+/// expired key is claimed afresh whether or not its row was purged yet.
+async fn purge_keys(shared: Arc<Shared>) {
+    let ttl = Duration::from_secs(shared.config.http.idempotency_ttl);
+    let every = ttl.clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let spread = (every.as_millis() / 2) as u64;
+    loop {
+        tokio::time::sleep(every + Duration::from_millis(jitter(shared.pid, spread))).await;
+        if shared.draining.load(Ordering::Acquire) {
+            return;
+        }
+        let mut purged = 0;
+        loop {
+            match shared.app.store.purge_keys(PURGE_BATCH).await {
+                Ok(n) => {
+                    purged += n;
+                    if n < PURGE_BATCH as u64 {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                // The requests report an outage; the next round retries.
+                Err(e) if e.is_unavailable() || e.is_timeout() => break,
+                Err(e) => {
+                    tracing::warn!("purging expired idempotency keys: {e}");
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::debug!("purged {purged} expired idempotency key(s)");
+        }
+    }
+}
+
 /// The inherited listeners, made non-blocking and handed to the accept path
 /// (see [`super::acceptor`]), which starts taking connections at once.
 pub(crate) fn adopt_listeners(
@@ -272,6 +316,7 @@ pub(crate) async fn run(shared: Arc<Shared>, acceptor: Arc<Acceptor>, life: Life
     if let Some(threshold) = shared.config.slow_request() {
         tokio::spawn(watch_slow(shared.clone(), threshold));
     }
+    tokio::spawn(purge_keys(shared.clone()));
     let why = life.stopped().await;
     if empties_the_queues(why, shared.slot.board().flags()) {
         acceptor.close_when_empty();

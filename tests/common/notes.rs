@@ -45,6 +45,9 @@ macro_rules! both_backends {
     };
 }
 
+/// How many migrations this binary embeds (migrations/*/).
+pub const MIGRATIONS: i64 = 2;
+
 /// Bound on `notesd migrate` / `seed` runs.
 pub const DB_CMD_TIMEOUT: Duration = Duration::from_secs(20);
 
