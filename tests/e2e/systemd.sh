@@ -22,8 +22,10 @@
 #   4. the access log on, at full load: journald suppresses access lines only,
 #      never a "reload complete" line; access lines have a MESSAGE
 #   5. `systemctl restart notesd` under load: socket inode unchanged, 0 failed
-#   6. SIGKILL a worker, SIGSTOP its replacement and an original: both killed
-#      after server.timeout
+#   6. SIGKILL a worker under load (what the OOM killer does): the unit stays
+#      active (OOMPolicy=continue), no GET fails, each POST (retried with its
+#      Idempotency-Key) makes one note; then SIGSTOP its replacement and an
+#      original: both killed after server.timeout
 #   7. the watchdog: a SIGSTOPped master is restarted by systemd
 #   8. `dpkg -i` of the package again under load: 0 failed, socket inode
 #      unchanged, the service reloaded (not restarted), socket not restarted;
@@ -270,14 +272,23 @@ load_start() { # load_start LABEL [CONNECTIONS]
     C wrk -t2 -c"$conns" -d600s --timeout 5s 'http://notes.example.com/api/notes?limit=20' \
         >"$R/root/load/$LOAD_LABEL.wrk" 2>&1 &
     LOAD_WRK=$!
-    C bash -c 'i=0; while [ -e /root/load/on ] && [ $i -lt 6000 ]; do i=$((i + 1))
-        curl -s -o /dev/null --max-time 5 -w "%{http_code}\n" -X POST -H "Content-Type: application/json" \
-            -d "{\"title\": \"load $i\"}" http://notes.example.com/api/notes || echo 000
-        sleep 0.1; done' >"$R/root/load/$LOAD_LABEL.post" 2>&1 &
+    # Each POST has its Idempotency-Key and is retried with it (up to 5
+    # times, 0.2 s apart) until 201: a line is "FIRST FINAL" status.
+    C bash -c 'i=0; while [ -e /root/load/on ] && [ $i -lt 6000 ]; do i=$((i + 1)) first=""
+        for _ in 1 2 3 4 5; do
+            c=$(curl -s -o /dev/null --max-time 5 -w "%{http_code}" -X POST -H "Content-Type: application/json" \
+                -H "Idempotency-Key: $1-$i" -d "{\"title\": \"$1 $i\"}" http://notes.example.com/api/notes) || c=000
+            first=${first:-$c}
+            [ "$c" = 201 ] && break
+            sleep 0.2
+        done
+        echo "$first $c"
+        sleep 0.1; done' _ "$LOAD_LABEL" >"$R/root/load/$LOAD_LABEL.post" 2>&1 &
     LOAD_POST=$!
     sleep 1
 }
-# Stop the load; sets GETS GET_FAIL POSTS POST_FAIL RPS.
+# Stop the load; sets GETS GET_FAIL POSTS POST_FAIL (first attempts not 201)
+# POST_LOST (not 201 after the retries) RPS.
 load_stop() {
     rm -f "$R/root/load/on"
     C pkill -INT -x wrk || true
@@ -293,7 +304,8 @@ load_stop() {
     GET_FAIL=$((${non2xx:-0} + ${sockerr:-0}))
     RPS=$(sed -n 's/^Requests\/sec: *\([0-9.]\+\).*/\1/p' "$f.wrk")
     POSTS=$(grep -c . "$f.post" || true)
-    POST_FAIL=$(grep -vc '^201$' "$f.post" || true)
+    POST_FAIL=$(grep -vc '^201 ' "$f.post" || true)
+    POST_LOST=$(grep -vc ' 201$' "$f.post" || true)
 }
 load_report() { # load_report STEP: print the counts; fail unless none failed
     measured "$1: requests during the step" "GET $GETS ($RPS req/s, $GET_FAIL failed), POST $POSTS ($POST_FAIL failed)"
@@ -455,6 +467,10 @@ grep -q '^timeout = 5$' "$R/etc/notesd/notesd.toml" || fail "cannot set timeout 
 op "sudo systemctl reload notesd" || fail "reload (timeout = 5)"
 S=$(status_json)
 read -r victim original < <(jq -r '[.workers[] | select(.state == "ready") | .pid] | "\(.[0]) \(.[1])"' <<<"$S")
+# Under load, as the OOM killer would: only what the victim had in flight
+# may fail, and the POST clients retry that with its Idempotency-Key.
+load_start sigkill
+sleep 1
 C kill -KILL "$victim"
 for _ in $(seq 100); do
     S=$(status_json || echo '{}')
@@ -465,6 +481,17 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 [[ $(unit_prop notesd ActiveState) == active ]] || fail "a worker's SIGKILL left the unit $(unit_prop notesd ActiveState) (OOMPolicy=continue)"
+sleep 1
+load_stop
+measured "worker SIGKILL under load" "GET $GETS ($GET_FAIL failed; nginx retries a GET that a dead keep-alive connection lost), POST $POSTS ($POST_FAIL failed at the first attempt, $POST_LOST after retries with their Idempotency-Key); unit $(unit_prop notesd ActiveState)"
+((GETS > 0 && POSTS > 0)) || fail "worker SIGKILL: no load was generated"
+((GET_FAIL == 0 && POST_LOST == 0 && POST_FAIL <= 1)) || {
+    cat "$R/root/load/sigkill.wrk"; sort "$R/root/load/sigkill.post" | uniq -c
+    fail "worker SIGKILL: more failed than the victim's one request in flight"
+}
+notes=$(C runuser -u postgres -- psql -d notesd -Atc \
+    "SELECT count(*) || ' ' || count(DISTINCT title) FROM notes WHERE title LIKE 'sigkill %'")
+[[ $notes == "$POSTS $POSTS" ]] || fail "worker SIGKILL: $POSTS keyed POSTs made '$notes' (notes, distinct titles): one note each expected"
 M=$(C curl -s --unix-socket /run/notesd/notesd.sock http://localhost/metrics)
 grep -q '^notesd_worker_restarts_total{reason="crash"} [1-9]' <<<"$M" ||
     fail "the SIGKILL is not counted as a crash: $(grep restarts_total <<<"$M")"
