@@ -148,6 +148,17 @@ fn statement_timeout(cfg: &DatabaseConfig) -> Option<Duration> {
     (cfg.statement_timeout_ms > 0).then(|| Duration::from_millis(cfg.statement_timeout_ms))
 }
 
+/// How long a SQLite connection waits for another's write lock: 5 s, or
+/// `database.statement_timeout_ms` when that is shorter, so that SQLite gives
+/// up by itself (503, the connection kept) rather than notesd's timer closing
+/// a connection still waiting. `migrate` always waits the 5 s.
+fn sqlite_busy_timeout(cfg: &DatabaseConfig, purpose: Purpose) -> Duration {
+    match statement_timeout(cfg) {
+        Some(bound) if purpose != Purpose::Migrate => bound.min(SQLITE_BUSY_TIMEOUT),
+        _ => SQLITE_BUSY_TIMEOUT,
+    }
+}
+
 /// PostgreSQL cancels a statement running longer than `bound` itself (57014):
 /// its locks and work go with it, not only notesd's wait. A session setting,
 /// sent on each new connection (a startup parameter would not pass PgBouncer).
@@ -282,7 +293,7 @@ impl Store {
                     .create_if_missing(purpose == Purpose::Migrate)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Full)
-                    .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                    .busy_timeout(sqlite_busy_timeout(cfg, purpose))
                     .foreign_keys(true);
                 let opts_for_watcher = opts.clone();
                 let pool = SqlitePool::connect(
@@ -408,6 +419,18 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sqlite_waits_for_a_lock_no_longer_than_the_statement_bound() {
+        let mut cfg = DatabaseConfig::default();
+        let busy = |cfg: &DatabaseConfig, p| sqlite_busy_timeout(cfg, p);
+        assert_eq!(busy(&cfg, Purpose::Serve), SQLITE_BUSY_TIMEOUT);
+        cfg.statement_timeout_ms = 1_500;
+        assert_eq!(busy(&cfg, Purpose::Serve), Duration::from_millis(1_500));
+        assert_eq!(busy(&cfg, Purpose::Migrate), SQLITE_BUSY_TIMEOUT);
+        cfg.statement_timeout_ms = 0;
+        assert_eq!(busy(&cfg, Purpose::Serve), SQLITE_BUSY_TIMEOUT);
+    }
 
     #[test]
     fn passwords_are_redacted() {
