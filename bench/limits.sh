@@ -6,7 +6,8 @@
 #      with upstream keepalive) at 1, 2 and the default number of workers, against the same
 #      nginx in front of bench/floor.c (the hop's ceiling), measured before and after the
 #      sweep; the connections each worker accepted (`notesd status --json`, .accepted).
-#   B. the same rows against bench/axum (one axum process, tokio multi-thread, sqlx pool).
+#   B. the same rows against bench/axum (one axum process, tokio multi-thread, sqlx pool), in
+#      ROUNDS interleaved rounds with notesd at its defaults.
 #   C. the database path: pgbench -M prepared with notesd's own list and insert statements,
 #      and notesd (default workers, list cache off) straight over TCP with wrk, in interleaved
 #      rounds, each run on a vacuumed and checkpointed table.
@@ -141,20 +142,25 @@ ceiling after
 
 # ---- B. one axum process --------------------------------------------------------------------------
 if [[ ${SKIP_AXUM:-0} != 1 ]]; then
-  log "B. bench/axum: the same rows, and the database routes, one axum process"
-  AXUM_PEER_DATABASE_URL="$DB_URL" "$HERE/axum/run.sh" start >&2
-  TARGET_SOCK=/tmp/notesd-axum/axum.sock
-  through axum.healthz.tutorial.txt /healthz get 0
-  through axum.healthz.keepalive.txt /healthz get 1
-  through axum.list.keepalive.txt /api/notes get 1
-  through axum.post.keepalive.txt /api/notes post 1
-  "$HERE/axum/run.sh" stop >&2
-  # notesd's database routes the same way (default workers, its default list cache, and off)
-  TARGET_SOCK="$SOCK"
-  start_notesd "$(config db-default default 250)"
-  through notesd.list.keepalive.txt /api/notes get 1
-  through notesd.post.keepalive.txt /api/notes post 1
-  stop_notesd
+  log "B. bench/axum: the same rows, and the database routes, one axum process ($ROUNDS interleaved rounds)"
+  # axum and notesd (default workers, its default list cache) take turns, a round each, so that
+  # both see the same machine; the report takes each row's best round, as everywhere.
+  for r in $(seq 1 "$ROUNDS"); do
+    AXUM_PEER_DATABASE_URL="$DB_URL" "$HERE/axum/run.sh" start >&2
+    TARGET_SOCK=/tmp/notesd-axum/axum.sock
+    through "axum.healthz.tutorial.r$r.txt" /healthz get 0
+    through "axum.healthz.keepalive.r$r.txt" /healthz get 1
+    through "axum.list.keepalive.r$r.txt" /api/notes get 1
+    through "axum.post.keepalive.r$r.txt" /api/notes post 1
+    "$HERE/axum/run.sh" stop >&2
+    TARGET_SOCK="$SOCK"
+    start_notesd "$(config db-default default 250)"
+    through "notesd.healthz.tutorial.r$r.txt" /healthz get 0
+    through "notesd.healthz.keepalive.r$r.txt" /healthz get 1
+    through "notesd.list.keepalive.r$r.txt" /api/notes get 1
+    through "notesd.post.keepalive.r$r.txt" /api/notes post 1
+    stop_notesd
+  done
 fi
 
 # ---- C. the database path against pgbench -------------------------------------------------------

@@ -78,6 +78,28 @@ fn boots_three_workers_and_serves_hello() {
     let resp = server.get("/healthz");
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(resp.json(), json!({"ok": true}));
+
+    // Workers batch their wake-ups (SCHED_BATCH); the master does not.
+    for pid in &pids {
+        assert_eq!(sched_policy(*pid), 3, "worker {pid} runs under SCHED_BATCH");
+    }
+    assert_eq!(
+        sched_policy(server.master_pid()),
+        0,
+        "the master: SCHED_OTHER"
+    );
+}
+
+/// A process's scheduling policy: field 41 of /proc/PID/stat (0 SCHED_OTHER,
+/// 3 SCHED_BATCH).
+fn sched_policy(pid: i32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // After the command name's closing parenthesis: field 3 onwards.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    rest.split(' ')
+        .nth(41 - 3)
+        .and_then(|f| f.parse().ok())
+        .expect("policy field")
 }
 
 // 2 -------------------------------------------------------------------------

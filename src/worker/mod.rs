@@ -156,6 +156,30 @@ fn read_boot(channel: &Channel) -> Result<Boot, WorkerError> {
     ipc::decode::<Boot>(&buf[..n]).map_err(|e| WorkerError::Boot(e.to_string()))
 }
 
+/// The worker runs under `SCHED_BATCH`: woken by a request, it does not
+/// preempt the task that is running (nginx writing the next requests), so
+/// it finds several waiting when it runs instead of one per wake-up. It is
+/// still scheduled fairly (same weight, same nice); only wake-up preemption
+/// goes. Measured on 2 cores through nginx, 2 workers, `GET /healthz`
+/// (interleaved A/B rounds): 1.5 → 0.6 sleeps per request, upstream
+/// keepalive +40–48 % (30–34k → 43–50k req/s), a connection per request
+/// +15–28 %, one worker +3–11 %, p99 no worse; database routes unchanged.
+/// The master keeps the default policy: its timeouts and signals come
+/// first. Where the call is refused (a seccomp filter), the worker says so
+/// once and serves under the default policy.
+fn batch_scheduling() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a plain syscall on this process with a valid, initialized
+    // parameter; it touches no memory of ours beyond reading `param`.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if rc != 0 {
+        tracing::info!(
+            "cannot run under SCHED_BATCH ({}): serving under the default scheduling policy",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Entry point of `notesd worker`; returns the exit code.
 pub fn run() -> i32 {
     let inherited = match adopt() {
@@ -182,6 +206,7 @@ pub fn run() -> i32 {
         generation = inherited.generation
     );
     let _entered = span.enter();
+    batch_scheduling();
     // The worker's thread sleeps in the accept epoll (see `acceptor`), which
     // watches the runtime's own epoll: found by what building the runtime added.
     let accept = Arc::new(Acceptor::default());
