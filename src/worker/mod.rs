@@ -164,13 +164,19 @@ fn read_boot(channel: &Channel) -> Result<Boot, WorkerError> {
 /// (interleaved A/B rounds): 1.5 → 0.6 sleeps per request, upstream
 /// keepalive +40–48 % (30–34k → 43–50k req/s), a connection per request
 /// +15–28 %, one worker +3–11 %, p99 no worse; database routes unchanged.
-/// The master keeps the default policy: its timeouts and signals come
-/// first. Where the call is refused (a seccomp filter), the worker says so
-/// once and serves under the default policy.
+/// The master keeps the default policy where it can: its timeouts and
+/// signals come first. Under the packaged unit (`CPUSchedulingPolicy=batch`,
+/// since its seccomp filter refuses `sched_setscheduler`) the whole service
+/// is batch already; elsewhere a refused call is said once and the worker
+/// serves under the default policy.
 fn batch_scheduling() {
+    // SAFETY: plain syscalls on this process; `param` is valid and
+    // initialized, and only read.
+    if unsafe { libc::sched_getscheduler(0) } == libc::SCHED_BATCH {
+        return;
+    }
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: a plain syscall on this process with a valid, initialized
-    // parameter; it touches no memory of ours beyond reading `param`.
+    // SAFETY: as above.
     let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
     if rc != 0 {
         tracing::info!(

@@ -339,12 +339,15 @@ S=$(status_json)
 WORKERS=$(jq .target_workers <<<"$S")
 MAINPID=$(unit_prop notesd MainPID)
 [[ $(jq .master_pid <<<"$S") == "$MAINPID" ]] || fail "status names master $(jq .master_pid <<<"$S"), systemd's MainPID is $MAINPID"
+for pid in $(jq -r '.workers[].pid' <<<"$S"); do
+    C chrt -p "$pid" | grep -q 'policy: SCHED_BATCH' || fail "worker $pid does not run under SCHED_BATCH: $(C chrt -p "$pid")"
+done
 journal_has 'socket activation' ||
     fail "notesd did not take its socket from notesd.socket"
 INODE=$(socket_inode)
 [[ $(C stat -c '%a %U:%G' /run/notesd/notesd.sock) == "660 notesd:www-data" ]] || fail "socket is $(C stat -c '%a %U:%G' /run/notesd/notesd.sock)"
 [[ $(unit_prop notesd OOMPolicy) == continue ]] || fail "OOMPolicy is $(unit_prop notesd OOMPolicy), not continue: one worker's OOM kill would stop the service"
-measured "units" "notesd.socket active, notesd.service active (MainPID $MAINPID, $WORKERS workers, generation $GEN, OOMPolicy=continue)"
+measured "units" "notesd.socket active, notesd.service active (MainPID $MAINPID, $WORKERS workers under SCHED_BATCH, generation $GEN, OOMPolicy=continue)"
 if journal_has 'already exists, skipping'; then
     fail "the start logged PostgreSQL's 'already exists, skipping' notice"
 fi
