@@ -286,6 +286,16 @@ impl PgCluster {
             .unwrap_or_else(|e| panic!("append to {}: {e}", path.display()));
     }
 
+    /// `pg_ctl -D DATA ARGS…` as the `postgres` user.
+    fn pg_ctl(&self, args: &[&str]) -> CmdOutput {
+        let data = self.data.display().to_string();
+        let all: Vec<&str> = ["-D", data.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        self.as_postgres("pg_ctl", &all)
+    }
+
     /// A bin/ program as the `postgres` user.
     fn as_postgres(&self, program: &str, args: &[&str]) -> CmdOutput {
         let mut cmd = Command::new("runuser");
@@ -307,21 +317,8 @@ impl PgCluster {
             "-c listen_addresses='' -k {} -c fsync=off -c max_connections=300 {extra}",
             self.socket_dir.display()
         );
-        let out = self.as_postgres(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data.display().to_string(),
-                "-l",
-                &self.log.display().to_string(),
-                "-w",
-                "-t",
-                "30",
-                "-o",
-                &options,
-                "start",
-            ],
-        );
+        let log = self.log.display().to_string();
+        let out = self.pg_ctl(&["-l", &log, "-w", "-t", "30", "-o", &options, "start"]);
         assert_eq!(out.code, Some(0), "pg_ctl start: {}", out.describe());
     }
 
@@ -334,17 +331,7 @@ impl PgCluster {
 
     /// `pg_ctl promote -w`: a standby becomes a primary (returns once it is).
     pub fn promote(&self) {
-        let out = self.as_postgres(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data.display().to_string(),
-                "-w",
-                "-t",
-                "30",
-                "promote",
-            ],
-        );
+        let out = self.pg_ctl(&["-w", "-t", "30", "promote"]);
         assert_eq!(out.code, Some(0), "pg_ctl promote: {}", out.describe());
         assert_eq!(self.sql("postgres", "SELECT pg_is_in_recovery()"), "f");
     }
@@ -379,17 +366,7 @@ impl PgCluster {
 
     /// Stop the server (`-m fast`: clients are disconnected).
     pub fn stop_server(&self) {
-        let out = self.as_postgres(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data.display().to_string(),
-                "-m",
-                "fast",
-                "-w",
-                "stop",
-            ],
-        );
+        let out = self.pg_ctl(&["-m", "fast", "-w", "stop"]);
         assert_eq!(out.code, Some(0), "pg_ctl stop: {}", out.describe());
     }
 
@@ -439,17 +416,7 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        let _ = self.as_postgres(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data.display().to_string(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
+        let _ = self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
     }
 }
 
@@ -644,15 +611,8 @@ impl HaProxy {
             .stdin(std::process::Stdio::null())
             .stdout(out)
             .stderr(err);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork
-        // and exec. If the test process dies abruptly, haproxy goes with it.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
+        // If the test process dies abruptly, haproxy goes with it.
+        super::die_with_parent(&mut cmd, nix::sys::signal::Signal::SIGTERM);
         let child = cmd.spawn().expect("spawn haproxy");
         let socket = socket_dir.join(format!(".s.PGSQL.{HAPROXY_PORT}"));
         let proxy = HaProxy {

@@ -14,7 +14,6 @@
 use std::fs;
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -224,14 +223,9 @@ impl Nginx {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        // SAFETY: prctl is async-signal-safe. If the test thread dies, nginx's
-        // master gets SIGTERM (fast shutdown: it stops its workers too).
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
+        // If the test thread dies, nginx's master gets SIGTERM (fast
+        // shutdown: it stops its workers too).
+        super::die_with_parent(&mut cmd, super::Signal::SIGTERM);
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", bin.display()))?;

@@ -9,6 +9,21 @@ pub use nix::sys::signal::Signal;
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 
+/// `cmd`'s process gets `sig` when the thread that spawned it dies
+/// (`PR_SET_PDEATHSIG`): a test that dies abruptly leaves no server behind.
+pub fn die_with_parent(cmd: &mut std::process::Command, sig: Signal) {
+    use std::os::unix::process::CommandExt;
+    let sig = sig as libc::c_int;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and
+    // exec in this hook.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, sig);
+            Ok(())
+        });
+    }
+}
+
 /// Sends `sig` to `pid`; panics when the process does not exist.
 pub fn send_signal(pid: i32, sig: Signal) {
     kill(Pid::from_raw(pid), sig).unwrap_or_else(|e| panic!("kill({pid}, {sig:?}) failed: {e}"));

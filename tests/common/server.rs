@@ -124,15 +124,9 @@ impl TestServer {
         for (k, v) in &self.opts.env {
             cmd.env(k, v);
         }
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and
-        // exec. If the test process dies abruptly, the master dies with it (and
-        // its workers follow through their own PDEATHSIG).
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        // If the test process dies abruptly, the master dies with it (and its
+        // workers follow through their own PDEATHSIG).
+        super::die_with_parent(&mut cmd, super::Signal::SIGKILL);
         if !self.opts.inherit_fds.is_empty() {
             let plan: Vec<(RawFd, RawFd)> = self
                 .opts

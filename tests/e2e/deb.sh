@@ -299,6 +299,7 @@ U_GROUP=$(unit_one Group "$U_USER")
 U_SUPP=$(unit_values "$SERVICE" Service SupplementaryGroups | tr ' ' '\n' | grep . | paste -sd, || true)
 U_UMASK=$(unit_one UMask 0022)
 U_WORKDIR=$(unit_one WorkingDirectory /)
+U_SCHED=$(unit_one CPUSchedulingPolicy other)
 U_RUNDIR=$(unit_one RuntimeDirectory)
 U_RUNMODE=$(unit_one RuntimeDirectoryMode 0755)
 U_STATEDIR=$(unit_one StateDirectory)
@@ -350,8 +351,10 @@ unit_exec() {
     cd "$U_WORKDIR"
     local groups=(--clear-groups)
     [[ -n $U_SUPP ]] && groups=(--groups "$U_SUPP")
+    # CPUSchedulingPolicy= (other, batch, idle), set by systemd before the exec.
     exec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         HOME="$home" USER="$U_USER" LOGNAME="$U_USER" SHELL="$shell" "${U_ENV[@]}" \
+        chrt "--$U_SCHED" 0 \
         setpriv --reuid="$U_USER" --regid="$U_GROUP" "${groups[@]}" \
         --no-new-privs --inh-caps=-all --bounding-set=-all -- "$@"
 }
