@@ -160,11 +160,10 @@ pub(crate) async fn put(
     req: Request<Incoming>,
     deadline: Instant,
 ) -> Result<Response<Body>, ApiError> {
-    let key = idempotency::key(req.headers())?;
-    let path = req.uri().path().to_string();
+    let key = keyed_path(&req)?;
     let value = read_json(app, req, deadline).await?;
     let note = NewNote::parse(&value)?;
-    let claim = key.map(|k| app.claim(k, "PUT", &path, Some(&value)));
+    let claim = key.map(|(k, path)| app.claim(k, "PUT", &path, Some(&value)));
     write(app, claim, Write::Put(id, &note), id).await
 }
 
@@ -174,11 +173,10 @@ pub(crate) async fn patch(
     req: Request<Incoming>,
     deadline: Instant,
 ) -> Result<Response<Body>, ApiError> {
-    let key = idempotency::key(req.headers())?;
-    let path = req.uri().path().to_string();
+    let key = keyed_path(&req)?;
     let value = read_json(app, req, deadline).await?;
     let patch = NotePatch::parse(&value)?;
-    let claim = key.map(|k| app.claim(k, "PATCH", &path, Some(&value)));
+    let claim = key.map(|(k, path)| app.claim(k, "PATCH", &path, Some(&value)));
     write(app, claim, Write::Patch(id, &patch), id).await
 }
 
@@ -190,6 +188,14 @@ pub(crate) async fn delete(
     let claim =
         idempotency::key(req.headers())?.map(|k| app.claim(k, "DELETE", req.uri().path(), None));
     write(app, claim, Write::Delete(id), id).await
+}
+
+/// The request's `Idempotency-Key` and its path (kept before the body is
+/// read, which takes the request); nothing is copied without a key.
+fn keyed_path(
+    req: &Request<Incoming>,
+) -> Result<Option<(crate::store::idempotency::IdempotencyKey, String)>, ApiError> {
+    Ok(idempotency::key(req.headers())?.map(|k| (k, req.uri().path().to_string())))
 }
 
 /// Do write `w` (on note `id`; 0 for a create): plain without a key, at
