@@ -15,12 +15,6 @@ use common::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-fn error_code(resp: &Response) -> Option<String> {
-    serde_json::from_str::<Value>(&resp.body)
-        .ok()
-        .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
-}
-
 /// `LOCK TABLE notes` held for 6 s with a 1.5 s bound: a POST and a read of a
 /// note are answered 503 `database_timeout` in 1.5–2.5 s, PostgreSQL cancels
 /// the statements it was running for them (no notesd backend still waits on
@@ -57,14 +51,14 @@ fn a_locked_table_is_answered_503_within_the_statement_timeout() {
     eprintln!(
         "HUNG lock: POST {} {:?} in {post_took:?}, GET {} {:?} in {get_took:?}; notesd backends still waiting on the lock: {waiting}",
         post.status,
-        error_code(&post),
+        post.error_code(),
         get.status,
-        error_code(&get)
+        get.error_code()
     );
     for (what, resp, took) in [("POST", &post, post_took), ("GET", &get, get_took)] {
         assert_eq!(resp.status, 503, "{what}: {resp:?}");
         assert_eq!(
-            error_code(resp).as_deref(),
+            resp.error_code().as_deref(),
             Some("database_timeout"),
             "{what}: {resp:?}"
         );
@@ -161,7 +155,7 @@ fn a_hung_postgresql_is_answered_in_bounded_time_and_recovered_from() {
         "HUNG server: /readyz 503 after {readyz_after:?}; answers while hung {:?} over {hung_for:?}; serving again {back_after:?} after SIGCONT",
         answers
             .iter()
-            .map(|(r, d)| (r.status, error_code(r), d.as_millis()))
+            .map(|(r, d)| (r.status, r.error_code(), d.as_millis()))
             .collect::<Vec<_>>()
     );
     assert!(

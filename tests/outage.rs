@@ -43,10 +43,7 @@ fn options(o: &mut TestOptions) {
 
 /// Why `resp` is not the documented 503 (`unavailable` or `timeout`), if it is not.
 fn not_503(resp: &Response) -> Option<String> {
-    let code = serde_json::from_str::<serde_json::Value>(&resp.body)
-        .ok()
-        .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
-        .unwrap_or_default();
+    let code = resp.error_code().unwrap_or_default();
     let ok = resp.status == 503
         && (code == "unavailable" || code == "timeout")
         && resp.header("x-request-id").is_some();

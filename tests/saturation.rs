@@ -46,9 +46,7 @@ fn hammer(nginx: &Nginx, clients: usize, path: &'static str, secs: u64) -> Seen 
                     let t0 = Instant::now();
                     match c.request("GET", path, &[], None) {
                         Ok(r) => {
-                            let code = serde_json::from_str::<serde_json::Value>(&r.body)
-                                .ok()
-                                .and_then(|v| v["error"]["code"].as_str().map(str::to_string));
+                            let code = r.error_code();
                             let retry = r.header("retry-after").map(str::to_string);
                             if code.as_deref() == Some("overloaded") {
                                 assert_eq!(

@@ -21,6 +21,7 @@ pub(crate) use error::ApiError;
 
 use crate::scoreboard::{Flags, Route, Slot};
 use crate::store::Store;
+use crate::store::idempotency::{Claim, IdempotencyKey};
 
 pub(crate) type Body = Full<Bytes>;
 
@@ -44,18 +45,16 @@ impl AppState {
     pub(crate) fn writing(&self) -> Writing<'_> {
         Writing(self)
     }
-}
 
-impl AppState {
     /// `key` standing for this request (method, path, JSON body).
     pub(crate) fn claim(
         &self,
-        key: crate::store::idempotency::IdempotencyKey,
+        key: IdempotencyKey,
         method: &str,
         path: &str,
         body: Option<&serde_json::Value>,
-    ) -> crate::store::idempotency::Claim {
-        crate::store::idempotency::Claim {
+    ) -> Claim {
+        Claim {
             key,
             fingerprint: crate::store::idempotency::fingerprint(method, path, body),
             ttl_secs: self.idempotency_ttl,

@@ -13,7 +13,7 @@ use super::{ApiError, AppState, Body, idempotency, json};
 use crate::domain::{NewNote, NotePatch};
 use crate::scoreboard::ext::{self, CacheEvent};
 use crate::scoreboard::phase::{self, Step};
-use crate::store::idempotency::{Claim, Once, Stored};
+use crate::store::idempotency::{Claim, IdempotencyKey, Once, Stored};
 use crate::store::notes::{Write, Written};
 
 pub(crate) const DEFAULT_LIMIT: i64 = 50;
@@ -192,9 +192,7 @@ pub(crate) async fn delete(
 
 /// The request's `Idempotency-Key` and its path (kept before the body is
 /// read, which takes the request); nothing is copied without a key.
-fn keyed_path(
-    req: &Request<Incoming>,
-) -> Result<Option<(crate::store::idempotency::IdempotencyKey, String)>, ApiError> {
+fn keyed_path(req: &Request<Incoming>) -> Result<Option<(IdempotencyKey, String)>, ApiError> {
     Ok(idempotency::key(req.headers())?.map(|k| (k, req.uri().path().to_string())))
 }
 

@@ -22,6 +22,13 @@ pub struct Response {
 }
 
 impl Response {
+    /// `error.code` of a JSON error body (`{"error": {"code", "message"}}`).
+    pub fn error_code(&self) -> Option<String> {
+        serde_json::from_str::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+    }
+
     /// First header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
