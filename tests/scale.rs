@@ -407,31 +407,24 @@ fn a_host_lost_mid_post_costs_nothing_when_clients_retry_with_keys() {
         })
         .collect();
     thread::sleep(Duration::from_millis(1000));
-    // Hold the table for 1.5 s: the POSTs sent meanwhile wait in flight.
-    let locker = {
-        let url_sock = farm.cluster.socket_dir.clone();
-        thread::spawn(move || {
-            let out = std::process::Command::new("psql")
-                .args(["-X", "-q", "-h"])
-                .arg(&url_sock)
-                .args(["-U", "postgres", "-d", "notesd", "-c"])
-                .arg("BEGIN; LOCK TABLE notes IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(1.5); COMMIT;")
-                .output()
-                .expect("psql");
-            assert!(
-                out.status.success(),
-                "lock: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        })
-    };
-    thread::sleep(Duration::from_millis(700));
-    let victim = &mut farm.hosts[1];
-    for pid in all_pids(&victim.status()) {
-        send_signal(pid, Signal::SIGKILL);
-    }
-    victim.kill_master();
-    locker.join().expect("the lock holder");
+    // Hold the table for 1.5 s: the POSTs sent meanwhile wait in flight, and
+    // one host is SIGKILLed with its share of them.
+    let (cluster, hosts) = (&farm.cluster, &mut farm.hosts);
+    thread::scope(|scope| {
+        let locker = scope.spawn(|| {
+            cluster.sql(
+                "notesd",
+                "BEGIN; LOCK TABLE notes IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(1.5); COMMIT;",
+            )
+        });
+        thread::sleep(Duration::from_millis(700));
+        let victim = &mut hosts[1];
+        for pid in all_pids(&victim.status()) {
+            send_signal(pid, Signal::SIGKILL);
+        }
+        victim.kill_master();
+        locker.join().expect("the lock holder");
+    });
     thread::sleep(Duration::from_secs(3));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut all = Keyed::default();
