@@ -93,17 +93,7 @@ pub(crate) async fn list(
         ext::cache(CacheEvent::Miss);
     }
     let mut body = Vec::with_capacity(LIST_BYTES_PER_NOTE * q.limit as usize);
-    body.push(b'[');
-    let found = app
-        .store
-        .list_notes(q.limit, q.before, |note| {
-            if body.len() > 1 {
-                body.push(b',');
-            }
-            note.write_json(&mut body);
-        })
-        .await?;
-    body.push(b']');
+    let found = app.store.list_page(q.limit, q.before, &mut body).await?;
     let link = match found.last_id {
         Some(last) if found.more => HeaderValue::from_str(&format!(
             "</api/notes?limit={}&before={last}>; rel=\"next\"",

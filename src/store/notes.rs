@@ -257,6 +257,18 @@ fn committed_row<R>(rows: Vec<R>) -> Option<R> {
     rows.into_iter().next()
 }
 
+/// The next row of a streamed result (`None` after its last). Reading the
+/// rows one by one as sqlx decodes each message keeps none of them: the
+/// list used to collect its 51 rows (`fetch_all`) and then decode them.
+async fn next_row<S, R>(rows: &mut S) -> Result<Option<R>, sqlx::Error>
+where
+    S: futures_core::Stream<Item = Result<R, sqlx::Error>> + Unpin,
+{
+    std::future::poll_fn(|cx| std::pin::Pin::new(&mut *rows).poll_next(cx))
+        .await
+        .transpose()
+}
+
 /// A write to a note, as a handler asks for it: plain ([`Store::write`]) or
 /// under an `Idempotency-Key` ([`Store::write_once`]), the same statements.
 #[derive(Clone, Copy)]
@@ -468,42 +480,47 @@ pub struct ListSummary {
 
 impl Store {
     /// Newest first; `before` = id cursor; `limit` already validated (1..=200).
-    /// Each note of the page goes to `each`, borrowed from its row, in order;
-    /// `each` runs only once every row has decoded (never for a failed query).
-    pub async fn list_notes<F>(
+    /// Appends the page to `out` as a JSON array, each note written as its
+    /// row arrives: no row is kept once written. A read retried on another
+    /// connection (see `with_conn!`) starts the array again; on an error
+    /// `out` holds a partial array, which the caller throws away.
+    pub async fn list_page(
         &self,
         limit: i64,
         before: Option<i64>,
-        mut each: F,
-    ) -> Result<ListSummary, StoreError>
-    where
-        F: FnMut(NoteRef<'_>),
-    {
+        out: &mut Vec<u8>,
+    ) -> Result<ListSummary, StoreError> {
         let fetch = limit + 1;
+        let mark = out.len();
         with_conn!(read Query::ListNotes, self, |p, sql, note| {
-            let rows = match before {
-                Some(b) => {
-                    sqlx::query(sql.list_before)
-                        .bind(b)
-                        .bind(fetch)
-                        .fetch_all(p)
-                        .await?
-                }
-                None => sqlx::query(sql.list).bind(fetch).fetch_all(p).await?,
+            out.truncate(mark);
+            out.push(b'[');
+            let query = match before {
+                Some(b) => sqlx::query(sql.list_before).bind(b).bind(fetch),
+                None => sqlx::query(sql.list).bind(fetch),
             };
-            // The extra row only says that more follow: it is not decoded.
-            let more = rows.len() as i64 > limit;
-            let page = rows
-                .iter()
-                .take(limit as usize)
-                .enumerate()
-                .map(|(i, r)| note_ref(r, i == 0))
-                .collect::<Result<Vec<_>, _>>()?;
-            page.iter().for_each(|n| each(*n));
-            ListSummary {
-                more,
-                last_id: page.last().map(|n| n.id),
+            let mut rows = query.fetch(p);
+            let mut found = ListSummary {
+                more: false,
+                last_id: None,
+            };
+            let mut seen: i64 = 0;
+            while let Some(row) = next_row(&mut rows).await? {
+                // The extra row only says that more follow: it is not decoded.
+                if seen == limit {
+                    found.more = true;
+                    continue;
+                }
+                let n = note_ref(&row, seen == 0)?;
+                if seen > 0 {
+                    out.push(b',');
+                }
+                n.write_json(out);
+                found.last_id = Some(n.id);
+                seen += 1;
             }
+            out.push(b']');
+            found
         })
     }
 
