@@ -206,9 +206,13 @@ impl NoteRef<'_> {
 }
 
 /// A JSON string: copied as is when nothing in it needs escaping (the usual
-/// case), else escaped by `serde_json` itself.
+/// case), else escaped by `serde_json` itself. The check reads every byte
+/// without stopping early, so that it compiles to vector instructions: 16
+/// bytes a step instead of one byte and three branches.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    let plain = s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    let plain = s.bytes().fold(0u8, |esc, b| {
+        esc | u8::from(b < 0x20) | u8::from(b == b'"') | u8::from(b == b'\\')
+    }) == 0;
     if plain {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
