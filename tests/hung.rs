@@ -2,7 +2,8 @@
 //! a SIGSTOPped PostgreSQL. `database.statement_timeout_ms` bounds every
 //! query (notesd's own timer, and PostgreSQL's session `statement_timeout`),
 //! so each request is answered 503 "database timed out" in bounded time, the
-//! workers live, and the service comes back by itself.
+//! workers live, and the service comes back by itself. And a request left
+//! waiting on a lock by a client that half-closed is still served to its end.
 
 mod common;
 
@@ -192,4 +193,50 @@ fn a_hung_postgresql_is_answered_in_bounded_time_and_recovered_from() {
     );
     let mut server = server;
     server.allow_errors();
+}
+
+/// A client that shuts its sending side while its POST waits on a locked
+/// table still gets its 201, and the note is there: the request is served to
+/// its end (hyper allows half-closed connections), never cancelled between
+/// its query and its commit because the client's side closed.
+#[test]
+fn a_post_whose_client_half_closes_is_served_to_its_end() {
+    use std::io::{Read, Write};
+    let Some(server) = start(Backend::Postgres, "half_closed", |o| o.workers = 1) else {
+        return;
+    };
+    let db = server.db.pg.as_ref().expect("PostgreSQL").name.clone();
+    let mut locker = hold_notes_lock(&db, 2);
+    let body = r#"{"title":"half-closed"}"#;
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(server.socket_path()).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    write!(
+        stream,
+        "POST /api/notes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send the request");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let t0 = Instant::now();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read the answer");
+    eprintln!(
+        "HALF-CLOSED: answered after {:?}: {:?}",
+        t0.elapsed(),
+        answer.lines().next()
+    );
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer:?}");
+    let _ = locker.wait();
+    let titles: Vec<Value> = server
+        .list_all(200)
+        .into_iter()
+        .map(|n| n["title"].clone())
+        .collect();
+    assert!(titles.contains(&json!("half-closed")), "{titles:?}");
 }
