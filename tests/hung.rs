@@ -201,37 +201,22 @@ fn a_hung_postgresql_is_answered_in_bounded_time_and_recovered_from() {
 /// its query and its commit because the client's side closed.
 #[test]
 fn a_post_whose_client_half_closes_is_served_to_its_end() {
-    use std::io::{Read, Write};
     let Some(server) = start(Backend::Postgres, "half_closed", |o| o.workers = 1) else {
         return;
     };
     let db = server.db.pg.as_ref().expect("PostgreSQL").name.clone();
     let mut locker = hold_notes_lock(&db, 2);
-    let body = r#"{"title":"half-closed"}"#;
-    let mut stream =
-        std::os::unix::net::UnixStream::connect(server.socket_path()).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("read timeout");
-    write!(
-        stream,
-        "POST /api/notes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send the request");
-    stream
-        .shutdown(std::net::Shutdown::Write)
-        .expect("half-close");
+    let body = br#"{"title":"half-closed"}"#;
+    let mut conn = HttpConn::connect(server.socket_path()).expect("connect");
+    conn.send_raw(&build_request("POST", "/api/notes", &[JSON], Some(body)))
+        .expect("send the request");
+    conn.shut_write().expect("half-close");
     let t0 = Instant::now();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("read the answer");
-    eprintln!(
-        "HALF-CLOSED: answered after {:?}: {:?}",
-        t0.elapsed(),
-        answer.lines().next()
-    );
-    assert!(answer.starts_with("HTTP/1.1 201"), "{answer:?}");
+    let resp = conn
+        .read_response()
+        .expect("an answer on the half-closed connection");
+    eprintln!("HALF-CLOSED: {} after {:?}", resp.status, t0.elapsed());
+    assert_eq!(resp.status, 201, "{resp:?}");
     let _ = locker.wait();
     let titles: Vec<Value> = server
         .list_all(200)

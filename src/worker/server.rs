@@ -313,8 +313,8 @@ pub(crate) async fn run(shared: Arc<Shared>, acceptor: Arc<Acceptor>, life: Life
         // meanwhile (gunicorn's sync workers do the same): a write is never
         // cut off between its query and its commit by a client going away,
         // and hyper does not read the socket while a handler waits on the
-        // database. That read cost each database request an `EAGAIN` read
-        // and a new 8 KiB buffer (the request still holds the old one).
+        // database. That read cost each database request a new 8 KiB buffer
+        // (the request still holds the old one).
         .half_close(true)
         .max_header_size(shared.config.http.max_header_bytes as usize)
         .max_buf_size((shared.config.http.max_header_bytes as usize).max(8192) + 8192);

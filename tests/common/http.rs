@@ -137,6 +137,12 @@ impl HttpConn {
         stream.flush()
     }
 
+    /// Half-closes: shuts this side's sending half, as a client that has
+    /// said all it will say; responses can still be read.
+    pub fn shut_write(&mut self) -> io::Result<()> {
+        self.reader.get_ref().shutdown(std::net::Shutdown::Write)
+    }
+
     /// Sends one request without a body (keep-alive is HTTP/1.1's default).
     pub fn send(
         &mut self,
